@@ -1,0 +1,341 @@
+"""Typed configuration: one dataclass per concern, one place for defaults.
+
+A run is configured by one YAML profile (``configs/*.yaml``) plus dotted CLI overrides
+(``--train.lr 1e-4``). Unknown keys and values of the wrong type fail with one error naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face causal-LM directory; "smollm2-135m" = the embedded default (converted once, cached);
+    # "tiny" = a tiny random-init Llama built on the fly (tests, install checks).
+    path: str = "smollm2-135m"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None  # None = transformers' default (sdpa where available)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 8
+    lora_alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class QConfig:
+    alpha_0: float = 0.01  # weight of log pi_pre (lambda * alpha_1 in the paper)
+    alpha_tilde: float = 1.0  # entropy temperature of the customized policy
+    gamma: float = 1.0
+    beta: float = 0.1  # weight of the reward-square regularizer
+    variant: str = "paper"  # paper | bellman
+    mask_alignment: str = "standard"  # standard | authors
+    chunk_size: int = 128  # sequence positions per chunk of the full-vocabulary computations
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    format: str = "auto"  # auto | string | conversational | hh | dsp
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    dsp_chosen_domain: str = "academy"  # DSP: the target preference's domain
+    max_length: int = 512
+    max_prompt_length: int = 256
+    eval_fraction: float = 0.05
+    fail_fast: bool = False  # first invalid row raises instead of being counted and written to rejects
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "qadapter"  # qadapter | dpo | sft | replay
+    dpo_beta: float = 0.1
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.1
+    micro_batch_size: int = 2  # pairs per worker per micro-step
+    grad_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    epochs: int = 1
+    max_steps: int = -1  # optimizer steps; -1 = from epochs
+    report_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    checkpoint_metric: str = "eval_loss"
+    checkpoint_mode: str = "min"
+    max_failures: int = 0
+    resume_from: Optional[str] = None
+    fail_at_step: int = -1  # fault injection for tests: rank 0 calls os._exit at this step, once
+    seed: int = 0
+
+
+@dataclass
+class TuneConfig:
+    enabled: bool = True
+    num_samples: int = 4
+    # name -> {"type": choice|loguniform|uniform, "values": [...]} or {"low":, "high":}; keys are dotted config keys
+    space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "adapter.rank": {"type": "choice", "values": [4, 8, 16]},
+            "q.alpha_0": {"type": "loguniform", "low": 0.001, "high": 0.1},
+            "q.alpha_tilde": {"type": "choice", "values": [0.5, 1.0, 2.0]},
+            "q.beta": {"type": "loguniform", "low": 0.01, "high": 1.0},
+            "train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        }
+    )
+    metric: str = "eval_loss"
+    mode: str = "min"
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 1
+    max_concurrent_trials: int = 0  # 0 = derived from the cluster's resources
+    num_workers: int = 1  # training workers per trial
+    max_steps: int = -1  # optimizer steps per trial; -1 = train.max_steps
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    prompts_file: Optional[str] = None  # held-out prompts (jsonl with "prompt")
+    probe_file: Optional[str] = None  # capability probe (jsonl with "question", "answer")
+    max_prompts: int = 200
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    num_actors: int = 1
+    dial: list[dict[str, float]] = field(default_factory=list)  # [{"alpha_0": .., "alpha_tilde": ..}, ...]
+    methods: list[str] = field(default_factory=list)  # compare: e.g. [qadapter, dpo, sft, replay]
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    storage_path: str = "runs"  # local path or any pyarrow filesystem URI (s3://, gs://)
+    seed: int = 0
+    num_cpus: Optional[int] = None  # logical CPUs for a local Ray; None = max(4, os.cpu_count())
+    resume: bool = True  # skip stages whose config hash and inputs match a finished manifest entry
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    q: QConfig = field(default_factory=QConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        checks = [
+            ("q.variant", self.q.variant in ("paper", "bellman"), "must be 'paper' or 'bellman'"),
+            ("q.mask_alignment", self.q.mask_alignment in ("standard", "authors"), "must be 'standard' or 'authors'"),
+            ("q.alpha_tilde", self.q.alpha_tilde > 0, "must be > 0"),
+            ("q.alpha_0", self.q.alpha_0 >= 0, "must be >= 0"),
+            ("q.beta", self.q.beta >= 0, "must be >= 0"),
+            ("q.chunk_size", self.q.chunk_size > 0, "must be > 0"),
+            ("adapter.rank", self.adapter.rank > 0, "must be > 0"),
+            ("adapter.dropout", 0 <= self.adapter.dropout < 1, "must be in [0, 1)"),
+            ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"), "must be float32|bfloat16|float16"),
+            ("data.format", self.data.format in ("auto", "string", "conversational", "hh", "dsp"),
+             "must be auto|string|conversational|hh|dsp"),
+            ("data.max_length", self.data.max_length > 1, "must be > 1"),
+            ("data.max_prompt_length", 0 < self.data.max_prompt_length < self.data.max_length,
+             "must be in (0, data.max_length)"),
+            ("data.eval_fraction", 0 <= self.data.eval_fraction < 1, "must be in [0, 1)"),
+            ("train.objective", self.train.objective in ("qadapter", "dpo", "sft", "replay"),
+             "must be qadapter|dpo|sft|replay"),
+            ("train.num_workers", self.train.num_workers >= 1, "must be >= 1"),
+            ("train.zero_stage", self.train.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
+            ("train.schedule", self.train.schedule in ("linear", "cosine", "constant"), "must be linear|cosine|constant"),
+            ("train.lr", self.train.lr > 0, "must be > 0"),
+            ("train.micro_batch_size", self.train.micro_batch_size >= 1, "must be >= 1"),
+            ("train.grad_accumulation", self.train.grad_accumulation >= 1, "must be >= 1"),
+            ("train.warmup_ratio", 0 <= self.train.warmup_ratio < 1, "must be in [0, 1)"),
+            ("train.checkpoint_mode", self.train.checkpoint_mode in ("min", "max"), "must be min|max"),
+            ("tune.mode", self.tune.mode in ("min", "max"), "must be min|max"),
+            ("tune.scheduler", self.tune.scheduler in ("asha", "fifo"), "must be asha|fifo"),
+            ("tune.num_samples", self.tune.num_samples >= 1, "must be >= 1"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {_get(self, key)!r}: {why}")
+        for key in self.tune.space:
+            _get(self, key)  # every searched key must exist
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (all when none): keys a stage's outputs."""
+        data = self.to_dict()
+        picked = {s: data[s] for s in (sections or data)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check/convert one value to the field's annotated type; strings from the CLI are parsed as YAML."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if isinstance(value, str) and typ in (int, float):
+        try:  # YAML 1.1 reads "1e-4" as a string; Python's parsers do not
+            value = typ(value) if typ is float or value.lstrip("+-").isdigit() else value
+        except ValueError:
+            pass
+    if isinstance(value, str) and typ is not str:
+        value = yaml.safe_load(value)
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            full = f"{prefix}{key}"
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key the user wrote
+                (sub, value), = value.items()
+                full += f".{sub}"
+            raise ConfigError(f"unknown config key '{full}' (known in this section: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    return _build(Config, data or {}, "").validate()
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in a nested dict (the key's validity is checked when the Config is built)."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.lr", "1e-4", "--q.variant=bellman"]`` -> nested dict. Values are parsed later per field type."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"expected --section.key VALUE, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"config key '{arg[2:]}': missing value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        if "." not in key:
+            raise ConfigError(f"config key '{key}': overrides are dotted, e.g. --train.lr 1e-4")
+        set_dotted(out, key, value)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "space":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """YAML profile (optional) + overrides (CLI list or nested dict) -> validated Config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the profile must be a YAML mapping of sections")
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = _merge(data, over)
+    return config_from_dict(data)
+
+
+def apply_overrides(cfg: Config, flat: dict[str, Any]) -> Config:
+    """A new Config with dotted keys replaced (used by Tune trials)."""
+    data = cfg.to_dict()
+    for key, value in flat.items():
+        _get(cfg, key)
+        set_dotted(data, key, value)
+    return config_from_dict(data)

@@ -1,0 +1,246 @@
+"""QAdapterModel: one causal LM, one LoRA adapter. Adapter ON = Q, adapter OFF = the pre-trained policy.
+
+    Q(s, .)         = logits with the adapter on (trainable, with grad)
+    z_base(s)       = logits with the adapter off: the SAME weights, peft's disable_adapter(), under no_grad
+    logits_custom   = (Q + alpha_0 * log_softmax(z_base)) / alpha_tilde      (see docs/method.md)
+
+There is never a second copy of the base model: the base pass switches the LoRA layers off for one forward.
+Both passes run inside ``forward`` so a DeepSpeed engine (``engine(input_ids, attention_mask)``) gets both.
+Saved form: a standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors) + qadapter.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from qcore.config import AdapterConfig, QConfig
+
+QADAPTER_FILE = "qadapter.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def customized_logits(q_logits, base_logits, alpha_0: float, alpha_tilde: float) -> torch.Tensor:
+    """(Q + alpha_0 * log_softmax(z_base)) / alpha_tilde, in float32 (any input dtype)."""
+    if alpha_tilde <= 0:
+        raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
+    if alpha_0 < 0:
+        raise ValueError(f"alpha_0 must be >= 0, got {alpha_0}")
+    base_logprobs = F.log_softmax(base_logits.float(), dim=-1)
+    return (q_logits.float() + alpha_0 * base_logprobs) / alpha_tilde
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only: correct under left AND right padding (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class QAdapterOutput:
+    """What ``QAdapterModel.forward`` returns. ``base_logprobs`` and ``custom_logits`` are computed on first use."""
+
+    q_logits: torch.Tensor  # [B, L, V], adapter on, with grad
+    base_logits: Optional[torch.Tensor]  # [B, L, V], adapter off, no grad; None when need_base=False
+    alpha_0: float
+    alpha_tilde: float
+
+    @cached_property
+    def base_logprobs(self) -> torch.Tensor:
+        if self.base_logits is None:
+            raise ValueError("base pass was skipped (need_base=False): base_logprobs is not available")
+        return F.log_softmax(self.base_logits.float(), dim=-1)
+
+    @cached_property
+    def custom_logits(self) -> torch.Tensor:
+        if self.base_logits is None:
+            raise ValueError("base pass was skipped (need_base=False): custom_logits is not available")
+        return (self.q_logits.float() + self.alpha_0 * self.base_logprobs) / self.alpha_tilde
+
+
+class QAdapterModel(torch.nn.Module):
+    def __init__(self, peft_model, adapter_config: AdapterConfig, q_config: QConfig):
+        super().__init__()
+        self.peft_model = peft_model
+        self.adapter_config = adapter_config
+        self.q_config = q_config
+        params = inspect.signature(peft_model.get_base_model().forward).parameters
+        # transformers >= 5.2x renamed past_key_values -> cache (the old name is deprecated); support both.
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.supports_logits_to_keep = "logits_to_keep" in params
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, hf_model, adapter_cfg: AdapterConfig | None = None, q_cfg: QConfig | None = None):
+        """Wrap an HF causal LM with a fresh LoRA adapter (B = 0, so Q == z_base at init). Base weights frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        adapter_cfg = adapter_cfg or AdapterConfig()
+        lora = LoraConfig(
+            task_type="CAUSAL_LM", r=adapter_cfg.rank, lora_alpha=adapter_cfg.lora_alpha,
+            lora_dropout=adapter_cfg.dropout, target_modules=list(adapter_cfg.target_modules), bias="none",
+        )
+        return cls(get_peft_model(hf_model, lora), adapter_cfg, q_cfg or QConfig())
+
+    @classmethod
+    def from_pretrained(cls, base_path: str, adapter_path: str | None = None, adapter_cfg: AdapterConfig | None = None,
+                        q_cfg: QConfig | None = None, dtype: str | torch.dtype = "float32",
+                        trust_remote_code: bool = False, is_trainable: bool = True,
+                        attn_implementation: str | None = None):
+        """Load a local base model (a directory, or "tiny" / "smollm2-135m"), then either attach a fresh adapter
+        (adapter_path None) or load a saved one. With adapter_path, the QConfig comes from its qadapter.json;
+        an explicit q_cfg overrides it. adapter_cfg is ignored when loading (the saved adapter defines it)."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from qcore.base_models import resolve_model_path
+
+        kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        hf_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **kwargs)
+        if adapter_path is None:
+            return cls.from_model(hf_model, adapter_cfg, q_cfg)
+
+        meta = read_qadapter_json(adapter_path)
+        peft_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=is_trainable)
+        lcfg = peft_model.peft_config["default"]
+        saved_adapter = AdapterConfig(rank=lcfg.r, lora_alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout,
+                                      target_modules=sorted(lcfg.target_modules))
+        return cls(peft_model, saved_adapter, q_cfg or meta)
+
+    # ------------------------------------------------------------------ the two passes
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """peft's disable_adapter(), restoring requires_grad afterwards: peft re-enables grads on exit even for an
+        adapter loaded with is_trainable=False."""
+        flags = [(p, p.requires_grad) for p in self.peft_model.parameters()]
+        try:
+            with self.peft_model.disable_adapter():
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Dropout off for the duration (the base policy is deterministic); each module's mode is restored."""
+        modes = [(m, m.training) for m in self.peft_model.modules()]
+        self.peft_model.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def base_logits(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """z_base: adapter off, no grad, dropout off."""
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        with torch.no_grad(), self.adapter_disabled(), self.eval_mode():
+            out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)
+        return out.logits.detach()
+
+    def q_and_base_logits(self, input_ids, attention_mask, need_base: bool = True):
+        """(Q logits with grad, base logits without grad | None). Base pass first, so no grad flag is toggled
+        while the Q pass's graph exists."""
+        position_ids = positions_from_mask(attention_mask)
+        base = self.base_logits(input_ids, attention_mask, position_ids) if need_base else None
+        q = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).logits
+        return q, base
+
+    def forward(self, input_ids, attention_mask, need_base: bool = True) -> QAdapterOutput:
+        q, base = self.q_and_base_logits(input_ids, attention_mask, need_base=need_base)
+        return QAdapterOutput(q, base, self.q_config.alpha_0, self.q_config.alpha_tilde)
+
+    def customized_logits(self, q_logits, base_logits, alpha_0: float | None = None,
+                          alpha_tilde: float | None = None) -> torch.Tensor:
+        """The customized policy's logits. alpha_0/alpha_tilde None = this model's QConfig (the inference dial)."""
+        a0 = self.q_config.alpha_0 if alpha_0 is None else alpha_0
+        at = self.q_config.alpha_tilde if alpha_tilde is None else alpha_tilde
+        return customized_logits(q_logits, base_logits, a0, at)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Two-pass, two-KV-cache generation from the customized policy: see qcore.generation.generate."""
+        from qcore.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def config(self):
+        return self.peft_model.get_base_model().config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.peft_model.parameters()).device
+
+    def lora_parameter_names(self) -> list[str]:
+        return [n for n, _ in self.peft_model.named_parameters() if "lora_" in n]
+
+    def gradient_checkpointing_enable(self):
+        self.peft_model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ------------------------------------------------------------------ save
+    def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) + qadapter.json.
+
+        state_dict: an already-gathered adapter state dict (ZeRO-3: gather, then pass it here on rank 0). Keys may
+        be named as in ``peft_model.state_dict()``, as returned by ``peft.get_peft_model_state_dict`` (no adapter
+        name), or with a ``peft_model.`` / ``module.`` prefix; every LoRA parameter must be present."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if state_dict is not None:
+            state_dict = self._normalize_adapter_state_dict(state_dict)
+        self.peft_model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+        meta = {"format": "qadapter", "version": 1, "q_config": dataclasses.asdict(self.q_config),
+                "adapter_config": dataclasses.asdict(self.adapter_config),
+                "base_model": getattr(self.config, "_name_or_path", None)}
+        (out / QADAPTER_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return out
+
+    def _normalize_adapter_state_dict(self, state_dict):
+        names = self.lora_parameter_names()
+        by_short = {n.replace(".default.", "."): n for n in names}
+        fixed = {}
+        for key, value in state_dict.items():
+            for prefix in ("module.", "peft_model."):
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+            if "lora_" not in key:
+                continue
+            full = key if key in names else by_short.get(key)
+            if full is None:
+                raise KeyError(f"state_dict key {key!r} matches no LoRA parameter of this model")
+            fixed[full] = value
+        missing = sorted(set(names) - set(fixed))
+        if missing:
+            raise KeyError(f"state_dict lacks {len(missing)} LoRA parameters, e.g. {missing[0]}")
+        return fixed
+
+
+def read_qadapter_json(adapter_path: str | Path) -> QConfig:
+    """The QConfig saved next to a PEFT adapter. Unknown keys fail loudly (no silent drift)."""
+    path = Path(adapter_path) / QADAPTER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a Q-Adapter directory (save with QAdapterModel.save_pretrained)")
+    meta = json.loads(path.read_text())
+    return QConfig(**meta["q_config"])
