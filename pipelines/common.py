@@ -42,6 +42,8 @@ def init_ray(cfg: Config):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # On a loaded machine a raylet can need over Ray's default 30 s to register ("The current node timed out").
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     if ray.is_initialized():
         return ray
     runtime_env = {"env_vars": WORKER_ENV}
@@ -63,3 +65,196 @@ def run_dir(cfg: Config) -> str:
 
 def stage_dir(cfg: Config, stage: str) -> str:
     return f"{run_dir(cfg)}/{stage}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage: local paths and pyarrow filesystem URIs (s3://, gs://, file://) through one small API
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_fs(uri: str):
+    """``uri`` -> (pyarrow FileSystem, path on it). A plain path is local, resolved against the current directory."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/' (URIs keep their scheme)."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = resolve_fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve_fs(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a directory tree; nothing when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve_fs(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def read_text(uri: str) -> str:
+    fs, path = resolve_fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a whole file atomically (a temporary sibling, then a move): readers never see half a file."""
+    fs, path = resolve_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode("utf-8"))
+    fs.move(tmp, path)
+
+
+def read_json(uri: str):
+    import json
+
+    return json.loads(read_text(uri))
+
+
+def write_json(uri: str, data) -> None:
+    import json
+
+    write_text(uri, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def copy_file(src: str, dst: str) -> None:
+    sfs, spath = resolve_fs(src)
+    dfs, dpath = resolve_fs(dst)
+    parent = dpath.rsplit("/", 1)[0]
+    if parent:
+        dfs.create_dir(parent, recursive=True)
+    with sfs.open_input_stream(spath) as fin, dfs.open_output_stream(dpath) as fout:
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage keys and the run manifest: a stage whose key matches a finished entry is skipped
+# ----------------------------------------------------------------------------------------------------------------
+def stage_key(payload: dict) -> str:
+    """Stable 12-hex key of a stage's config sections + input keys (JSON, sorted keys)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Manifest:
+    """``<run dir>/manifest.json``: one entry per stage (config key, inputs, outputs, wall seconds, status) and an
+    append-only log of what each invocation did (``run`` / ``skip`` / ``finish`` / ``fail``).
+
+    Finished entries are also kept by ``<stage>@<key>`` so that switching a config back finds its old outputs.
+    Only the driver writes it (atomically, after every state change), so an interrupted run leaves a valid file.
+    """
+
+    def __init__(self, root: str):
+        self.root = root
+        self.path = join(root, "manifest.json")
+        self.data = {"run_dir": root, "stages": {}, "finished": {}, "log": []}
+        if exists(self.path):
+            loaded = read_json(self.path)
+            for k in self.data:
+                self.data[k] = loaded.get(k, self.data[k])
+
+    def save(self) -> None:
+        self.data["updated_at"] = _now()
+        write_json(self.path, self.data)
+
+    def cached(self, stage: str, key: str) -> dict | None:
+        """The finished entry of ``stage`` with this key whose output directory still exists, else None."""
+        entry = self.data["finished"].get(f"{stage}@{key}")
+        if entry and entry.get("status") == "finished" and exists(entry["out_dir"]):
+            return entry
+        return None
+
+    def log(self, stage: str, key: str, event: str, **extra) -> None:
+        self.data["log"].append({"stage": stage, "key": key, "event": event, "time": _now(), **extra})
+
+    def begin(self, stage: str, key: str, config: dict, inputs: dict, out_dir: str) -> dict:
+        entry = {"stage": stage, "key": key, "status": "running", "config": config, "inputs": inputs,
+                 "out_dir": out_dir, "outputs": None, "wall_s": None, "started_at": _now(), "finished_at": None}
+        self.data["stages"][stage] = entry
+        self.log(stage, key, "run")
+        self.save()
+        return entry
+
+    def end(self, entry: dict, status: str, wall_s: float, outputs: dict | None = None, error: str | None = None,
+            **extra) -> None:
+        entry.update(status=status, wall_s=round(wall_s, 3), finished_at=_now(), outputs=outputs, **extra)
+        if error is not None:
+            entry["error"] = error
+        if status == "finished":
+            self.data["finished"][f"{entry['stage']}@{entry['key']}"] = entry
+        self.log(entry["stage"], entry["key"], "finish" if status == "finished" else status, wall_s=entry["wall_s"])
+        self.save()
+
+    def skip(self, stage: str, entry: dict) -> None:
+        self.data["stages"][stage] = entry
+        self.log(stage, entry["key"], "skip")
+        self.save()
+
+    def events(self, stage: str | None = None) -> list[tuple[str, str]]:
+        """``[(stage, event), ...]`` in order (tests read the log through this)."""
+        return [(e["stage"], e["event"]) for e in self.data["log"] if stage is None or e["stage"] == stage]
+
+
+def run_stage(manifest: Manifest, stage: str, key: str, config: dict, inputs: dict, out_dir: str, call,
+              resume: bool = True) -> dict:
+    """Run ``call() -> dict`` as stage ``stage`` unless a finished entry with the same key exists (``resume``).
+
+    Prints ``skip <stage> (cached)`` for a skipped stage; records status/wall time/outputs in the manifest either way.
+    ``call`` may return ``{"result": ..., **extra}`` when it was wrapped (``extra`` goes to the entry, e.g. node).
+    """
+    import json
+    import time
+
+    if resume:
+        hit = manifest.cached(stage, key)
+        if hit is not None:
+            print(f"skip {stage} (cached)  {out_dir}", flush=True)
+            manifest.skip(stage, hit)
+            return hit["outputs"]
+    print(f"run  {stage}  key={key}  -> {out_dir}", flush=True)
+    entry = manifest.begin(stage, key, config, inputs, out_dir)
+    t0 = time.time()
+    try:
+        got = call()
+    except BaseException as err:  # KeyboardInterrupt too: the entry must not stay "running"
+        manifest.end(entry, "failed", time.time() - t0, error=f"{type(err).__name__}: {err}"[:2000])
+        raise
+    extra = {}
+    if isinstance(got, dict) and set(got) >= {"result", "worker"}:
+        extra = {"worker": got["worker"]}
+        got = got["result"]
+    outputs = json.loads(json.dumps(got, default=str))  # JSON-safe copy (paths, numbers, lists)
+    wall = time.time() - t0
+    manifest.end(entry, "finished", wall, outputs=outputs, **extra)
+    print(f"done {stage}  {wall:.1f}s", flush=True)
+    return outputs

@@ -84,8 +84,10 @@ def _logprob_chunk(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _chunked(fn, logits: torch.Tensor, extra: tuple, input_ids: torch.Tensor, chunk_size: int):
     """Apply ``fn(logits[:, t0:t1], *extra_chunks, labels)`` over position chunks and concatenate along dim 1."""
     chunk_size = _check_chunk_size(chunk_size)
-    labels = input_ids[:, 1:]
+    labels = input_ids[:, 1:].to(logits.device)
     positions = labels.shape[1]
+    if positions < 1:
+        raise ValueError(f"sequences need at least 2 positions (a state and a next token), got L={input_ids.shape[1]}")
     use_ckpt = torch.is_grad_enabled() and logits.requires_grad
     outs = []
     for t0 in range(0, positions, chunk_size):
@@ -145,7 +147,7 @@ def _reward_metrics(loss, reward_c, reward_r, logps_c, logps_r) -> dict[str, tor
         "rewards/chosen": reward_c.mean(),
         "rewards/rejected": reward_r.mean(),
         "rewards/margins": (reward_c - reward_r).mean(),
-        "rewards/accuracies": (reward_c > reward_r).float().mean(),
+        "rewards/accuracies": (reward_c > reward_r).to(reward_c.dtype).mean(),
         "logps/chosen": logps_c.mean(),
         "logps/rejected": logps_r.mean(),
     }
@@ -177,11 +179,18 @@ def qadapter_loss(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: 
         raise ValueError(f"unknown Q-Adapter variant {variant!r}: expected one of {VARIANTS}")
     mask = loss_mask(response_mask, alignment).to(q_logits.device)
     stats = token_stats(q_logits, base_logits, input_ids, alpha_0, alpha_tilde, chunk_size)
+    return _qadapter_from_stats(stats, mask, input_ids.shape[1], gamma, beta, variant)
+
+
+def _qadapter_from_stats(stats: TokenStats, mask: torch.Tensor, length: int, gamma: float, beta: float,
+                         variant: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """The Q-Adapter loss and metrics from dense ``[N, L-1]`` token statistics (shared by the logits and the
+    fused hidden-state entry points, so both run the same arithmetic after the per-token statistics)."""
     mask = mask.to(stats.q.dtype)
 
     if variant == "paper":
         r = stats.q - gamma * stats.v
-        per_seq = (mask * r).sum(dim=1) / input_ids.shape[1]
+        per_seq = (mask * r).sum(dim=1) / length
     else:
         v_next = torch.zeros_like(stats.v)
         v_next[:, :-1] = stats.v[:, 1:] * mask[:, 1:]
@@ -215,9 +224,17 @@ def dpo_loss(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: torch
     if base_logits is None:
         raise ValueError("dpo needs base_logits (the reference = adapter-off logits)")
     mask = loss_mask(response_mask, alignment).to(q_logits.device)
-    policy = (mask * token_logprobs(q_logits, input_ids, chunk_size)).sum(dim=1)
+    policy = token_logprobs(q_logits, input_ids, chunk_size)
     with torch.no_grad():
-        ref = (mask * token_logprobs(base_logits.detach(), input_ids, chunk_size)).sum(dim=1)
+        ref = token_logprobs(base_logits.detach(), input_ids, chunk_size)
+    return _dpo_from_token_logps(policy, ref, mask, beta)
+
+
+def _dpo_from_token_logps(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
+                          beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DPO loss and metrics from per-token log-probs ``[N, L-1]`` (policy with grad, reference without)."""
+    policy = (mask * policy).sum(dim=1)
+    ref = (mask * ref).sum(dim=1)
     pi_c, pi_r = _split_pairs(policy)
     ref_c, ref_r = _split_pairs(ref.to(policy.dtype))
     loss = -F.logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).mean()
@@ -238,6 +255,11 @@ def sft_loss(q_logits: torch.Tensor, input_ids: torch.Tensor, response_mask: tor
     chosen_mask, _ = _split_pairs(response_mask)
     mask = loss_mask(chosen_mask, alignment).to(q_logits.device)
     logp = token_logprobs(chosen_q, chosen_ids, chunk_size)
+    return _sft_from_token_logps(logp, mask)
+
+
+def _sft_from_token_logps(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The SFT loss and metrics from the chosen rows' per-token log-probs ``[B, L-1]``."""
     mask = mask.to(logp.dtype)
     loss = -(mask * logp).sum() / mask.sum().clamp(min=1)
     return loss, _floats({"loss": loss, "logps/chosen": (mask * logp).sum(dim=1).mean()})
@@ -262,3 +284,243 @@ def compute_loss(objective: str, q_logits: torch.Tensor, base_logits: Optional[t
     if objective == "dpo":
         return dpo_loss(q_logits, base_logits, input_ids, response_mask, beta=dpo_beta, chunk_size=q_cfg.chunk_size)
     return sft_loss(q_logits, input_ids, response_mask, chunk_size=q_cfg.chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused path: the same losses from the last hidden states at the scored positions and the LM head weight.
+#
+# The logits path above needs [2B, L, V] logits for both passes (the model's LM head makes them, over every
+# position, prompt and padding included). The fused path takes only the M positions that enter the loss
+# (``scored_positions``), projects them through the LM head chunk by chunk inside a custom autograd function, and
+# keeps per-token scalars only: no [*, V] tensor outlives a chunk, in the forward or the backward. The backward
+# recomputes each chunk's logits (two GEMMs for Q-Adapter: Q and base; one for DPO/SFT) and turns them into the
+# logits gradient in place, as TRL's fused LM head does for log-probs. Every per-token statistic is computed with
+# the same operations as the logits path (float32 at least), then scattered into dense [N, L-1] tensors that go
+# through the very same reduction code, so the two paths differ only by the rounding of the LM-head GEMM.
+# ----------------------------------------------------------------------------------------------------------------
+class ScoredPositions(NamedTuple):
+    """The shifted positions a loss scores, packed row-major (row, then position): entry k is the hidden state at
+    sequence index ``cols[k]`` of row ``rows[k]``, which predicts ``labels[k] = input_ids[rows[k], cols[k] + 1]``."""
+
+    rows: torch.Tensor  # [M] long
+    cols: torch.Tensor  # [M] long, in 0..L-2
+    labels: torch.Tensor  # [M] long
+    n_rows: int  # N = 2B (the batch's row count)
+    length: int  # L (the padded length; the paper variant divides by it)
+
+
+def scored_positions(objective: str, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                     alignment: str = "standard") -> ScoredPositions:
+    """Which (row, position) pairs ``objective`` scores: the nonzero entries of ``loss_mask`` (``alignment`` applies
+    to ``qadapter`` only; the baselines use ``standard``, as ``compute_loss`` does), on the chosen rows only for
+    ``sft``/``replay``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: expected one of {OBJECTIVES}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"sequences need at least 2 positions (a state and a next token), got L={input_ids.shape[1]}")
+    mask = loss_mask(response_mask, alignment if objective == "qadapter" else "standard").to(input_ids.device)
+    _split_pairs(mask)  # an even row count
+    if objective in ("sft", "replay"):
+        mask[mask.shape[0] // 2:] = 0
+    rows, cols = mask.nonzero(as_tuple=True)
+    return ScoredPositions(rows, cols, input_ids[rows, cols + 1], int(input_ids.shape[0]), int(input_ids.shape[1]))
+
+
+def _lm_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype):
+    """The LM head as the model applies it (in the model's dtype), then upcast: the logits path's q_logits.to(dtype)."""
+    return F.linear(h, weight, bias).to(dtype)
+
+
+def _chunks(m: int, chunk: int):
+    for s in range(0, m, chunk):
+        yield s, min(s + chunk, m)
+
+
+class _FusedQStats(torch.autograd.Function):
+    """Per-token (Q(s,a), V(s), log pi_pre(a|s), log pi_custom(a|s), log softmax(Q)(a|s)) from hidden states [M, H]
+    and the LM head, chunk by chunk; gradients into the adapter-on hidden states (and the head, if it trains)."""
+
+    @staticmethod
+    def forward(ctx, hq, hb, weight, bias, labels, alpha_0, alpha_tilde, chunk):
+        dtype = _compute_dtype(hq)
+        m = hq.shape[0]
+        out = [hq.new_empty(m, dtype=dtype) for _ in range(5)]
+        lse_c_all, lse_q_all = hq.new_empty(m, dtype=dtype), hq.new_empty(m, dtype=dtype)
+        for s, e in _chunks(m, chunk):
+            idx = labels[s:e, None]
+            lp = torch.log_softmax(_lm_logits(hb[s:e], weight, bias, dtype), dim=-1)
+            zq = _lm_logits(hq[s:e], weight, bias, dtype)
+            out[0][s:e] = zq.gather(-1, idx).squeeze(-1)
+            out[2][s:e] = lp.gather(-1, idx).squeeze(-1)
+            lse_q_all[s:e] = torch.logsumexp(zq, dim=-1)
+            custom = lp.mul_(alpha_0).add_(zq).div_(alpha_tilde)  # (Q + alpha_0 * log pi_pre) / alpha_tilde
+            del zq
+            lse_c_all[s:e] = torch.logsumexp(custom, dim=-1)
+            out[3][s:e] = custom.gather(-1, idx).squeeze(-1) - lse_c_all[s:e]
+            del custom, lp
+        out[1] = alpha_tilde * lse_c_all
+        out[4] = out[0] - lse_q_all
+        ctx.save_for_backward(hq, hb, weight, bias, labels, lse_c_all, lse_q_all)
+        ctx.alpha_0, ctx.alpha_tilde, ctx.chunk = alpha_0, alpha_tilde, chunk
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(out[2])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, g_qa, g_v, g_lpre, g_lc, g_lq):
+        hq, hb, weight, bias, labels, lse_c_all, lse_q_all = ctx.saved_tensors
+        a0, at, chunk = ctx.alpha_0, ctx.alpha_tilde, ctx.chunk
+        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
+        dtype = lse_c_all.dtype
+        grad_h = torch.zeros_like(hq) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        if not (need_h or need_w or need_b) or all(g is None for g in (g_qa, g_v, g_lc, g_lq)):
+            return grad_h, None, grad_w, grad_b, None, None, None, None
+        zero = lse_c_all.new_zeros(lse_c_all.shape)
+        # d/dz: V -> softmax(custom); log pi_custom(a) -> (onehot(a) - softmax(custom)) / at;
+        #       Q(s,a) -> onehot(a); log softmax(Q)(a) -> onehot(a) - softmax(Q)
+        coef_c = (zero if g_v is None else g_v) - (zero if g_lc is None else g_lc / at)
+        diag = (zero if g_qa is None else g_qa) + (zero if g_lc is None else g_lc / at) + (zero if g_lq is None else g_lq)
+        use_c = g_v is not None or g_lc is not None
+        for s, e in _chunks(hq.shape[0], chunk):
+            zq = _lm_logits(hq[s:e], weight, bias, dtype)
+            if use_c:
+                lp = torch.log_softmax(_lm_logits(hb[s:e], weight, bias, dtype), dim=-1)
+                dz = lp.mul_(a0).add_(zq).div_(at).sub_(lse_c_all[s:e, None]).exp_().mul_(coef_c[s:e, None])
+            else:
+                dz = torch.zeros_like(zq)
+            if g_lq is not None:
+                dz.sub_(zq.sub_(lse_q_all[s:e, None]).exp_().mul_(g_lq[s:e, None]))
+            del zq
+            dz.scatter_add_(-1, labels[s:e, None], diag[s:e, None])
+            dz = dz.to(weight.dtype)
+            if need_h:
+                grad_h[s:e] = (dz @ weight).to(hq.dtype)
+            if need_w:
+                grad_w.add_(dz.t() @ hq[s:e])
+            if need_b:
+                grad_b.add_(dz.sum(0))
+        return (grad_h, None, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+class _FusedLogProb(torch.autograd.Function):
+    """log softmax(h W^T + b)[label] per token, [M], chunk by chunk (the DPO policy and SFT term)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, chunk):
+        dtype = _compute_dtype(h)
+        out = h.new_empty(h.shape[0], dtype=dtype)
+        lse_all = h.new_empty(h.shape[0], dtype=dtype)
+        for s, e in _chunks(h.shape[0], chunk):
+            z = _lm_logits(h[s:e], weight, bias, dtype)
+            lse_all[s:e] = torch.logsumexp(z, dim=-1)
+            out[s:e] = z.gather(-1, labels[s:e, None]).squeeze(-1) - lse_all[s:e]
+            del z
+        ctx.save_for_backward(h, weight, bias, labels, lse_all)
+        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, bias, labels, lse_all = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if g is None:
+            return None, None, None, None, None
+        dtype = lse_all.dtype
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        for s, e in _chunks(h.shape[0], ctx.chunk):
+            dz = _lm_logits(h[s:e], weight, bias, dtype).sub_(lse_all[s:e, None]).exp_().mul_(-g[s:e, None])
+            dz.scatter_add_(-1, labels[s:e, None], g[s:e, None])
+            dz = dz.to(weight.dtype)
+            if need_h:
+                grad_h[s:e] = (dz @ weight).to(h.dtype)
+            if need_w:
+                grad_w.add_(dz.t() @ h[s:e])
+            if need_b:
+                grad_b.add_(dz.sum(0))
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def _fused_chunk(chunk_tokens: int) -> int:
+    return _check_chunk_size(chunk_tokens)
+
+
+def fused_token_stats(q_hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                      labels: torch.Tensor, alpha_0: float, alpha_tilde: float,
+                      lm_head_bias: Optional[torch.Tensor] = None, chunk_tokens: int = 256) -> TokenStats:
+    """``token_stats`` at M packed positions from hidden states: each field ``[M]`` (at least float32).
+
+    q_hidden: ``[M, H]`` final hidden states with the adapter on (gradients flow back into it); base_hidden:
+    ``[M, H]`` with the adapter off (treated as a constant); lm_head_weight ``[V, H]`` (and bias ``[V]``);
+    labels ``[M]``. At most ``chunk_tokens`` rows of ``[*, V]`` logits exist at any time."""
+    if base_hidden is None:
+        raise ValueError("fused_token_stats needs base_hidden (the adapter-off hidden states)")
+    if q_hidden.shape != base_hidden.shape or q_hidden.dim() != 2 or labels.shape != q_hidden.shape[:1]:
+        raise ValueError(f"shape mismatch: q_hidden {tuple(q_hidden.shape)}, base_hidden {tuple(base_hidden.shape)}, "
+                         f"labels {tuple(labels.shape)}")
+    if alpha_tilde <= 0:
+        raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
+    out = _FusedQStats.apply(q_hidden, base_hidden.detach(), lm_head_weight, lm_head_bias, labels,
+                             float(alpha_0), float(alpha_tilde), _fused_chunk(chunk_tokens))
+    return TokenStats(*out)
+
+
+def fused_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                         lm_head_bias: Optional[torch.Tensor] = None, chunk_tokens: int = 256) -> torch.Tensor:
+    """``log_softmax(hidden @ W^T + b)[label]`` per packed position: ``[M]``, chunked (differentiable)."""
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}")
+    return _FusedLogProb.apply(hidden, lm_head_weight, lm_head_bias, labels, _fused_chunk(chunk_tokens))
+
+
+def _dense(values: torch.Tensor, pos: ScoredPositions) -> torch.Tensor:
+    """Packed [M] values -> dense [N, L-1] with zeros at the positions the loss does not score."""
+    out = values.new_zeros(pos.n_rows, pos.length - 1)
+    return out.index_put((pos.rows, pos.cols), values)
+
+
+def compute_loss_from_hidden(objective: str, q_hidden: torch.Tensor, base_hidden: Optional[torch.Tensor],
+                             lm_head_weight: torch.Tensor, positions: ScoredPositions, q_cfg, dpo_beta: float = 0.1,
+                             lm_head_bias: Optional[torch.Tensor] = None,
+                             chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``compute_loss`` from the final hidden states at the scored positions instead of full logits.
+
+    positions: ``scored_positions(objective, input_ids, response_mask, q_cfg.mask_alignment)``; q_hidden,
+    base_hidden: ``[M, H]``, row k at position k of ``positions`` (base_hidden may be None for sft/replay).
+    Same loss and metrics as ``compute_loss(objective, lm_head(h_q), lm_head(h_base), batch, q_cfg, dpo_beta)``
+    up to the rounding of the LM-head GEMM. chunk_tokens: rows of [*, V] logits per chunk; None =
+    ``q_cfg.chunk_size`` (the logits path's positions per chunk) times 2, a fraction of that path's chunk.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: expected one of {OBJECTIVES}")
+    if q_hidden.shape[0] != positions.rows.shape[0]:
+        raise ValueError(f"q_hidden has {q_hidden.shape[0]} rows but positions score {positions.rows.shape[0]}")
+    chunk = _check_chunk_size(2 * q_cfg.chunk_size if chunk_tokens is None else chunk_tokens)
+    labels = positions.labels.to(q_hidden.device)
+    mask = _dense(torch.ones(labels.shape[0], dtype=torch.float32, device=q_hidden.device), positions)
+    if objective == "qadapter":
+        if q_cfg.variant not in VARIANTS:
+            raise ValueError(f"unknown Q-Adapter variant {q_cfg.variant!r}: expected one of {VARIANTS}")
+        if base_hidden is None:
+            raise ValueError("qadapter needs base_hidden (the adapter-off hidden states)")
+        packed = fused_token_stats(q_hidden, base_hidden, lm_head_weight, labels, q_cfg.alpha_0, q_cfg.alpha_tilde,
+                                   lm_head_bias, chunk)
+        stats = TokenStats(*(_dense(x, positions) for x in packed))
+        return _qadapter_from_stats(stats, mask, positions.length, q_cfg.gamma, q_cfg.beta, q_cfg.variant)
+    policy = _dense(fused_token_logprobs(q_hidden, lm_head_weight, labels, lm_head_bias, chunk), positions)
+    if objective == "dpo":
+        if base_hidden is None:
+            raise ValueError("dpo needs base_hidden (the reference = adapter-off hidden states)")
+        with torch.no_grad():
+            ref = _dense(fused_token_logprobs(base_hidden.detach(), lm_head_weight, labels, lm_head_bias, chunk),
+                         positions)
+        return _dpo_from_token_logps(policy, ref, mask, dpo_beta)
+    chosen_policy, _ = _split_pairs(policy)
+    chosen_mask, _ = _split_pairs(mask)
+    return _sft_from_token_logps(chosen_policy, chosen_mask)

@@ -196,8 +196,13 @@ class QAdapterModel(torch.nn.Module):
         return [n for n, _ in self.peft_model.named_parameters() if "lora_" in n]
 
     def gradient_checkpointing_enable(self):
-        self.peft_model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Non-reentrant checkpointing (needs no input grads with frozen embeddings). transformers 5.2x renamed
+        gradient_checkpointing_enable -> activation_checkpointing_enable (the old name warns)."""
+        base = self.peft_model.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ------------------------------------------------------------------ save
     def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # ray.train.report otherwise blocks ~2 s
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# A loaded 2-core machine can take over 30 s (Ray's default) to register a raylet: "The current node timed out
+# during startup".
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 import pytest
 import torch

@@ -1,0 +1,603 @@
+"""Train stage: a Ray Train (V2) TorchTrainer running DeepSpeed ZeRO on every worker.
+
+One loop serves the four objectives (``qadapter``, ``dpo``, ``sft``, ``replay`` = sft on its own data); the base pass
+(adapter off, no grad) runs only for the objectives that need it (qadapter, dpo).
+
+Per worker: ``QAdapterModel`` -> ``deepspeed.initialize`` (ZeRO ``train.zero_stage``; bf16 on GPU, fp32 on CPU; a
+client ``torch.optim.AdamW`` so no FusedAdam/cpu_adam op is compiled; gradient accumulation and clipping by
+DeepSpeed; warmup + linear/cosine/constant schedule from transformers). Data: ``get_dataset_shard("train")`` (Ray
+splits it with ``equal=True``) collated with ``qcore.data``; every rank runs exactly the same number of micro-batches
+per epoch, computed from the global row count (a rank that comes up short cycles its first batch, extras are
+drained), because DeepSpeed's collectives hang otherwise. The eval split is not split by Ray: each rank takes rows
+``rank::world`` and pads with zero-weight batches so that every rank runs the same number of forwards.
+
+Checkpoints (every ``train.checkpoint_every`` steps and at the end), one directory per report, merged by Ray:
+    deepspeed/state/...          every rank's ZeRO shards (``engine.save_checkpoint``): what a resume loads
+    adapter/                     rank 0: the PEFT adapter gathered from the ZeRO-3 shards + qadapter.json
+    probe_logits.pt              rank 0: customized logits of the live (gathered) model on a fixed input
+    trainer_state.json           rank 0: step, restarts, history of reported metrics, ZeRO partition sizes
+
+Resume: from ``ray.train.get_checkpoint()`` (a restart after a worker failure, ``train.max_failures``; also a re-run
+with the same config and output directory) or from ``train.resume_from`` (a checkpoint directory). Resuming needs the
+same number of workers (ZeRO shards are per rank). Fault injection for tests: ``train.fail_at_step = k`` makes rank 0
+``os._exit(1)`` right after optimizer step k, once (a marker file in the run's storage remembers it).
+
+CLI: ``python pipelines/train.py --config configs/tiny.yaml --data runs/<name>/preprocess [--out DIR] [--train.lr 1e-4]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from pipelines.common import cli_config, init_ray, stage_dir  # noqa: E402
+from qcore.config import Config, config_from_dict  # noqa: E402
+
+logger = logging.getLogger("qadapter.train")
+
+STATE_FILE = "trainer_state.json"
+PROBE_FILE = "probe_logits.pt"
+ADAPTER_SUBDIR = "adapter"
+DS_SUBDIR = "deepspeed"
+DS_TAG = "state"
+FAIL_MARKER = ".fault_injected"
+PROBE_LENGTH = 16
+BASE_OBJECTIVES = ("qadapter", "dpo")  # objectives that need the base (adapter-off) pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage helpers: local paths or any pyarrow filesystem URI (s3://, gs://)
+# ----------------------------------------------------------------------------------------------------------------
+def _fs(path: str):
+    import pyarrow.fs as pafs
+
+    if "://" in str(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(str(path))
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    fs, p = _fs(path)
+    fs.create_dir(os.path.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def _copy_local_dir(src: str, dst: str) -> None:
+    """Replace ``dst`` (local path or URI) by a copy of the local directory ``src``."""
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(dst)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(src, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plans shared by the driver and the workers
+# ----------------------------------------------------------------------------------------------------------------
+def plan_steps(cfg: Config, n_train: int, world: int) -> dict[str, int]:
+    """Micro-batches per rank per epoch (the same on every rank) and the number of optimizer steps."""
+    tc = cfg.train
+    rows_per_rank = n_train // world
+    per_epoch = rows_per_rank // tc.micro_batch_size
+    if per_epoch < 1:
+        raise ValueError(
+            f"{n_train} training pairs are too few for {world} workers x train.micro_batch_size="
+            f"{tc.micro_batch_size}: every rank needs at least one full micro-batch"
+        )
+    if tc.max_steps > 0:
+        total = tc.max_steps
+    else:
+        total = max(1, tc.epochs * per_epoch // tc.grad_accumulation)
+    return {"micro_batches_per_epoch": per_epoch, "total_steps": total, "rows_per_rank": rows_per_rank}
+
+
+def ds_config(cfg: Config, overrides: Optional[dict] = None) -> dict:
+    """The DeepSpeed config: ZeRO stage, bf16 on GPU (fp32 on CPU), accumulation, clipping."""
+    tc = cfg.train
+    zero: dict[str, Any] = {"stage": tc.zero_stage}
+    if tc.zero_stage > 0 and tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if tc.zero_stage == 3 and tc.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accumulation,
+        "gradient_clipping": max(0.0, tc.max_grad_norm),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(tc.use_gpu)},
+        "zero_allow_untested_optimizer": True,
+        # a torch AdamW with optimizer offload: do not insist on DeepSpeedCPUAdam (it compiles an op)
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(conf, overrides or {})
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_name(cfg: Config) -> str:
+    """The Ray Train run's name under the storage path: same config -> same run (a re-run resumes it)."""
+    return f"ray_train-{cfg.hash('model', 'adapter', 'q', 'train')}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The worker loop
+# ----------------------------------------------------------------------------------------------------------------
+def _rows_from_numpy(batch: dict) -> list[dict]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def _make_batch(rows: Any, objective: str, pad_id: int, device) -> dict:
+    """Rows (a numpy column batch or a list of row dicts) -> tensors on device.
+
+    qadapter/dpo: the pair batch [2B, L]. sft/replay: only what SFT scores, [B, L] (the chosen responses of pair rows,
+    or rows of ``tokenize_sft``), so no forward is spent on rejected responses."""
+    from qcore.data import collate_pairs, collate_sft
+
+    if isinstance(rows, dict):
+        rows = _rows_from_numpy(rows)
+    if objective in BASE_OBJECTIVES:
+        out = collate_pairs(rows, pad_id)
+    elif "chosen_input_ids" in rows[0]:
+        out = collate_sft([{"input_ids": r["chosen_input_ids"], "response_mask": r["chosen_response_mask"]}
+                           for r in rows], pad_id)
+    else:
+        out = collate_sft(rows, pad_id)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _loss(engine, batch: dict, cfg: Config):
+    """Forward (base pass only when needed) + qcore loss. Returns (loss, metrics dict of floats)."""
+    import torch
+
+    from qcore.losses import compute_loss
+
+    objective = cfg.train.objective
+    need_base = objective in BASE_OBJECTIVES
+    out = engine(batch["input_ids"], batch["attention_mask"], need_base=need_base)
+    if need_base:
+        return compute_loss(objective, out.q_logits, out.base_logits, batch, cfg.q, cfg.train.dpo_beta)
+    # sft/replay: qcore's sft_loss scores the first half (the chosen rows) of a pair batch; the batch here holds
+    # only the rows to score, so present it as its own "chosen" half (the second half is never read).
+    doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
+    q = torch.cat([out.q_logits, out.q_logits.detach()])
+    return compute_loss(objective, q, None, doubled, cfg.q, cfg.train.dpo_beta)
+
+
+def _lora_params(module) -> list:
+    return [p for n, p in module.peft_model.named_parameters() if "lora_" in n]
+
+
+def _gathered_adapter_state(engine, zero_stage: int) -> dict:
+    """The full-shape PEFT adapter state dict, gathered from the ZeRO-3 shards (a collective: every rank calls it)."""
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    module = engine.module
+    named = {n: p for n, p in module.peft_model.named_parameters() if "lora_" in n}
+    ctx = deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None) if zero_stage == 3 \
+        else nullcontext()
+    with ctx:
+        live = {n: p.detach() for n, p in named.items()}
+        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module.peft_model,
+                                                                                   state_dict=live).items()}
+    if not state or any(v.numel() == 0 for v in state.values()):
+        raise RuntimeError(f"gathered adapter state is empty or has empty tensors: "
+                           f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+    return state
+
+
+def _probe(engine, device):
+    """Customized logits of the live model on a fixed input (a collective under ZeRO-3: every rank calls it)."""
+    import torch
+
+    module = engine.module
+    vocab = int(module.config.vocab_size)
+    ids = torch.tensor([[(7 * i + 3) % vocab for i in range(PROBE_LENGTH)]], device=device)
+    attn = torch.ones_like(ids)
+    with torch.no_grad(), module.eval_mode():
+        out = engine(ids, attn, need_base=True)
+        custom = module.customized_logits(out.q_logits, out.base_logits)
+    return {"input_ids": ids.cpu(), "attention_mask": attn.cpu(), "custom_logits": custom.float().cpu(),
+            "alpha_0": module.q_config.alpha_0, "alpha_tilde": module.q_config.alpha_tilde}
+
+
+def _partition_info(engine, rank: int) -> dict:
+    """How much of each parameter this rank holds (ZeRO-3: ds_tensor is the local partition, ds_numel the full)."""
+    module = engine.module
+
+    def one(p):
+        full = int(getattr(p, "ds_numel", p.numel()))
+        local = int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel())
+        return {"full_numel": full, "local_numel": local, "data_numel": int(p.data.numel())}
+
+    named = list(module.peft_model.named_parameters())
+    lora_name, lora_p = next((n, p) for n, p in named if "lora_" in n)
+    # under ZeRO-3 p.shape is the (empty) local placeholder; ds_shape is the full shape
+    base_name, base_p = next((n, p) for n, p in named
+                             if "lora_" not in n and len(getattr(p, "ds_shape", p.shape)) == 2 and "proj" in n)
+    total_full = sum(one(p)["full_numel"] for _, p in named)
+    total_local = sum(one(p)["local_numel"] for _, p in named)
+    return {"rank": rank, "zero_stage": int(engine.zero_optimization_stage()),
+            "lora": {"name": lora_name, **one(lora_p)}, "base": {"name": base_name, **one(base_p)},
+            "total_full_numel": total_full, "total_local_numel": total_local}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    from qcore.model import QAdapterModel
+
+    cfg = config_from_dict(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if tc.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+
+    plan = plan_steps(cfg, config["n_train"], world)
+    per_epoch, total_steps = plan["micro_batches_per_epoch"], plan["total_steps"]
+    mb, ga = tc.micro_batch_size, tc.grad_accumulation
+
+    # ---- model, optimizer, schedule, engine (same seed on every rank: identical LoRA init before partitioning)
+    torch.manual_seed(tc.seed)
+    model = QAdapterModel.from_pretrained(
+        config["model_dir"], adapter_cfg=cfg.adapter, q_cfg=cfg.q, dtype="bfloat16" if tc.use_gpu else "float32",
+        trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    from transformers import get_scheduler
+
+    sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.schedule]
+    warmup = int(round(tc.warmup_ratio * total_steps))
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config(cfg, config.get("ds_overrides")))
+    zero_stage = int(engine.zero_optimization_stage())
+    module = engine.module
+
+    # ---- resume: a restart after a failure (Ray's latest checkpoint) or an explicit train.resume_from
+    state: dict[str, Any] = {"step": 0, "restarts": 0, "history": [], "partition": None}
+    resume_diff = None
+    source, restarted = ray.train.get_checkpoint(), True
+    if source is None and tc.resume_from:
+        source, restarted = (Checkpoint(tc.resume_from) if "://" in tc.resume_from
+                             else Checkpoint.from_directory(tc.resume_from)), False
+    if source is not None:
+        with source.as_directory() as d:
+            load_path, _ = engine.load_checkpoint(os.path.join(d, DS_SUBDIR), tag=DS_TAG, load_module_strict=False)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint under {d}/{DS_SUBDIR}")
+            state = json.loads(Path(d, STATE_FILE).read_text())
+            saved = load_file(os.path.join(d, ADAPTER_SUBDIR, "adapter_model.safetensors"))
+        live = _gathered_adapter_state(engine, zero_stage)
+        resume_diff = max(float((live[k].float() - saved[k].float()).abs().max()) for k in saved)
+        if restarted:
+            state["restarts"] = int(state.get("restarts", 0)) + 1
+        if rank == 0:
+            print(f"[train] resumed at step {state['step']} (restarts={state['restarts']}, "
+                  f"adapter max|live-saved|={resume_diff:.2e})", flush=True)
+
+    # ---- data: the same number of micro-batches on every rank
+    pad_id = config["pad_token_id"]
+    train_shard = ray.train.get_dataset_shard("train")
+
+    def train_batches(start_micro: int):
+        epoch, skip = divmod(start_micro, per_epoch)
+        while True:
+            n, first = 0, None
+            for b in train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
+                                              local_shuffle_buffer_size=max(mb * 8, 64),
+                                              local_shuffle_seed=tc.seed + epoch):
+                if n >= per_epoch:
+                    continue  # drain the epoch so that every rank's split iterator finishes it
+                first = b if first is None else first
+                n += 1
+                if n > skip:
+                    yield epoch, b
+            if first is None:
+                raise RuntimeError(f"rank {rank}: the training shard yielded no batch of {mb} rows")
+            while n < per_epoch:  # this rank came up short: cycle, never yield fewer batches than the others
+                n += 1
+                if n > skip:
+                    yield epoch, first
+            epoch, skip = epoch + 1, 0
+
+    eval_rows: Optional[list] = None
+    n_eval = config["n_eval"]
+
+    def evaluate() -> dict:
+        nonlocal eval_rows
+        if n_eval == 0:
+            return {}
+        if eval_rows is None:
+            rows = []
+            for b in ray.train.get_dataset_shard("eval").iter_batches(batch_size=256, batch_format="numpy"):
+                rows.extend(_rows_from_numpy(b))
+            eval_rows = rows
+        mine = eval_rows[rank::world]
+        n_batches = math.ceil(math.ceil(len(eval_rows) / world) / mb)
+        sums: dict[str, float] = {}
+        weight = 0.0
+        with torch.no_grad(), module.eval_mode():
+            for i in range(n_batches):
+                chunk = mine[i * mb:(i + 1) * mb]
+                w = float(len(chunk))
+                if not chunk:  # keep the forward count equal across ranks; this batch weighs nothing
+                    chunk = eval_rows[:1]
+                _, m = _loss(engine, _make_batch(chunk, tc.objective, pad_id, device), cfg)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + w * v
+                weight += w
+        return {f"eval_{k}": v for k, v in _all_mean(sums, weight).items()}
+
+    def _all_mean(sums: dict, weight: float) -> dict:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys] + [weight], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(t)
+        total = float(t[-1])
+        return {k: float(t[i]) / total for i, k in enumerate(keys)} if total > 0 else {}
+
+    def checkpoint_and_report(metrics: dict, with_checkpoint: bool) -> None:
+        state["history"].append(metrics)
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix=f"qadapter-ckpt-r{rank}-")
+        try:
+            engine.save_checkpoint(os.path.join(tmp, DS_SUBDIR), tag=DS_TAG, exclude_frozen_parameters=True)
+            adapter_state = _gathered_adapter_state(engine, zero_stage)
+            probe = _probe(engine, device)
+            if rank == 0:
+                module.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR), state_dict=adapter_state)
+                torch.save(probe, os.path.join(tmp, PROBE_FILE))
+                Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=1))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- the loop
+    step = int(state["step"])
+    micro = step * ga
+    batches = train_batches(micro)
+    sums: dict[str, float] = {}
+    count = 0
+    t_start = time.time()
+    report_every = tc.report_every if tc.report_every > 0 else 0
+    ckpt_every = tc.checkpoint_every if tc.checkpoint_every > 0 else 0
+    pbar = tqdm(total=total_steps, initial=step, desc=f"train[{tc.objective}]", disable=rank != 0,
+                mininterval=5.0, file=sys.stdout)
+
+    def report(with_checkpoint: bool) -> None:
+        nonlocal sums, count
+        metrics = _all_mean(sums, float(count)) if count else {}
+        sums, count = {}, 0
+        metrics.update(evaluate())
+        if "eval_loss" not in metrics and "loss" in metrics:
+            metrics["eval_loss"] = metrics["loss"]  # no eval split: the checkpoint score falls back to train loss
+        grad_norm = engine.get_global_grad_norm()
+        metrics.update({
+            "step": step, "epoch": micro / per_epoch, "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "restarts": int(state["restarts"]), "zero_stage": zero_stage, "world_size": world,
+            "seconds": time.time() - t_start, "total_steps": total_steps,
+        })
+        if resume_diff is not None:
+            metrics["resume_adapter_max_abs_diff"] = resume_diff
+        state["step"] = step
+        if rank == 0:
+            shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()
+                     if k in ("loss", "eval_loss", "lr", "epoch", "rewards/accuracies", "grad_norm")}
+            print(f"[train] step {step}/{total_steps} {shown}", flush=True)
+        checkpoint_and_report(metrics, with_checkpoint)
+
+    engine.train()
+    if step >= total_steps:  # a re-run of a finished run: report its final state once more
+        report(with_checkpoint=True)
+    while step < total_steps:
+        for _ in range(ga):
+            _, b = next(batches)
+            loss, m = _loss(engine, _make_batch(b, tc.objective, pad_id, device), cfg)
+            engine.backward(loss)
+            engine.step()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            micro += 1
+        step += 1
+        pbar.update(1)
+        if state["partition"] is None:  # after the first step: what each rank holds (ZeRO-3: its partition)
+            info = _partition_info(engine, rank)
+            infos = [None] * world
+            if world > 1:
+                dist.all_gather_object(infos, info)
+            else:
+                infos = [info]
+            state["partition"] = infos
+        if rank == 0 and step == tc.fail_at_step and not _exists(config["fail_marker"]):
+            _write_bytes(config["fail_marker"], f"rank 0 exited at step {step}\n".encode())
+            print(f"[train] fault injection: rank 0 exits at step {step}", flush=True)
+            os._exit(1)
+        do_ckpt = step >= total_steps or bool(ckpt_every and step % ckpt_every == 0)
+        if do_ckpt or (report_every and step % report_every == 0):
+            report(with_checkpoint=do_ckpt)
+    pbar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------------------------
+def _pad_token_id(model_dir: str) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError(f"{model_dir}: the tokenizer has neither a pad nor an EOS token")
+    return int(pad)
+
+
+def build_trainer(cfg: Config, data_dir: str, storage_path: str, name: str, callbacks: Optional[list] = None,
+                  ds_overrides: Optional[dict] = None):
+    """A TorchTrainer for ``cfg`` on the Parquet ``<data_dir>/train`` (and ``eval`` if present). Returns
+    (trainer, info) with info = {n_train, n_eval, total_steps, micro_batches_per_epoch, run_path, fail_marker}."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from qcore.base_models import resolve_model_path
+
+    tc = cfg.train
+    data_dir = str(data_dir)
+    train_path = f"{data_dir.rstrip('/')}/train"
+    eval_path = f"{data_dir.rstrip('/')}/eval"
+    if not _exists(train_path):
+        raise FileNotFoundError(f"no training data: {train_path} (run pipelines/preprocess.py first)")
+    datasets = {"train": ray.data.read_parquet(train_path)}
+    n_train = datasets["train"].count()
+    n_eval = 0
+    if _exists(eval_path):
+        # small and read by every rank in full: materialized once here, so workers read blocks, not files
+        datasets["eval"] = ray.data.read_parquet(eval_path).materialize()
+        n_eval = datasets["eval"].count()
+    plan = plan_steps(cfg, n_train, tc.num_workers)
+    model_dir = resolve_model_path(cfg.model.path)  # resolve (build/convert) once, on the driver
+    run_path = f"{storage_path.rstrip('/')}/{name}"
+    config = {
+        "cfg": cfg.to_dict(), "model_dir": model_dir, "pad_token_id": _pad_token_id(model_dir),
+        "n_train": n_train, "n_eval": n_eval, "ds_overrides": ds_overrides or {},
+        "fail_marker": f"{run_path}/{FAIL_MARKER}",
+    }
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tc.keep_checkpoints if tc.keep_checkpoints > 0 else None,
+                checkpoint_score_attribute=tc.checkpoint_metric, checkpoint_score_order=tc.checkpoint_mode),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+        ),
+        datasets=datasets,
+        # eval is not split: each rank takes rows rank::world itself (equal forward counts, exact weights)
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    info = {"n_train": n_train, "n_eval": n_eval, **plan, "run_path": run_path, "fail_marker": config["fail_marker"]}
+    return trainer, info
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional[dict] = None) -> dict:
+    """Train an adapter for ``cfg.train.objective`` on ``data_dir``; artifacts under ``out_dir``.
+
+    Returns {adapter_dir, checkpoint_dir (the final checkpoint), best_checkpoint_dir, metrics (final), history
+    (every reported metrics dict), steps, total_steps, restarts, partition (per-rank ZeRO sizes), seconds, run_path}.
+    ``ds_overrides``: merged into the DeepSpeed config (e.g. ``{"zero_optimization": {...}}``)."""
+    t0 = time.time()
+    init_ray(cfg)
+    out_dir = _storage(str(out_dir))
+    trainer, info = build_trainer(cfg, data_dir, storage_path=out_dir, name=run_name(cfg), ds_overrides=ds_overrides)
+    print(f"[train] {cfg.train.objective}: {info['n_train']} train / {info['n_eval']} eval pairs, "
+          f"{cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {info['total_steps']} steps -> {out_dir}",
+          flush=True)
+    result = trainer.fit()
+    if getattr(result, "error", None) is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    adapter_dir = f"{out_dir}/adapter"
+    with result.checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        _copy_local_dir(os.path.join(d, ADAPTER_SUBDIR), adapter_dir)
+    best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode)
+    history = state["history"]
+    final = history[-1] if history else (result.metrics or {})
+    seconds = time.time() - t0
+    out = {
+        "adapter_dir": adapter_dir, "checkpoint_dir": result.checkpoint.path,
+        "best_checkpoint_dir": best.path if best is not None else None,
+        "metrics": final, "history": history, "steps": int(state["step"]), "total_steps": info["total_steps"],
+        "restarts": int(state.get("restarts", 0)), "partition": state.get("partition"), "seconds": seconds,
+        "run_path": info["run_path"], "n_train": info["n_train"], "n_eval": info["n_eval"],
+    }
+    summary = {k: v for k, v in out.items() if k != "history"}
+    _write_bytes(f"{out_dir}/metrics.json", json.dumps(summary, indent=2, default=str).encode())
+    _write_bytes(f"{out_dir}/history.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+    print(f"[train] done: {out['steps']} steps in {seconds:.1f}s, final loss {final.get('loss')}, "
+          f"eval_loss {final.get('eval_loss')}; adapter -> {adapter_dir}", flush=True)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data", default=None, help="preprocess output (Parquet train/ and eval/)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/<run.name>/train)")
+    args, rest = parser.parse_known_args(argv)
+    cfg = cli_config("Train a Q-Adapter (or a baseline) with Ray Train + DeepSpeed", rest)
+    data = args.data or stage_dir(cfg, "preprocess")
+    out = args.out or stage_dir(cfg, "train")
+    result = train_stage(cfg, data, out)
+    print(json.dumps({k: result[k] for k in ("adapter_dir", "checkpoint_dir", "steps", "seconds")}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The fused training step: the decoder runs once per shared prefix, the LM head only on scored positions.
+
+``compute_loss(objective, q_logits, base_logits, batch, ...)`` needs [2B, L, V] logits from two full passes over
+every row. For a preference batch most of that work is redundant:
+
+- chosen row i and rejected row B+i start with the same prompt. Here the decoder runs that prefix once (a [B, P]
+  pass that fills a KV cache), the cache is repeated for the 2B rows, and only the continuations run per row.
+  Gradients flow through the cached prefix keys/values, so the adapter's effect on the prompt is trained exactly
+  as in a full pass. The shared prefix is the longest common prefix of real tokens of the two rows (at least the
+  prompt), capped so that each row keeps at least one token of its own.
+- the LM head, the log-softmaxes and the logsumexps run only at the M positions the loss scores
+  (``qcore.losses.scored_positions``), chunk by chunk, never on prompt or padding positions:
+  ``qcore.losses.compute_loss_from_hidden``.
+
+Both passes (adapter on, with grad; adapter off, no grad, dropout off) do the same. The result equals
+``compute_loss`` on the full logits up to float rounding (tests/test_fast_path.py checks float64 to 1e-10).
+
+When prefix sharing cannot apply (left padding, an architecture whose cache is not a plain ``DynamicLayer`` stack,
+gradient checkpointing, no common first token), the decoder runs the full [N, L] batch instead and the fused loss
+still applies. Models whose logits are not a plain linear head of the last hidden state (final-logit soft-capping,
+logit scaling) fall back to the logits path.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+
+from qcore.losses import OBJECTIVES, ScoredPositions, compute_loss, compute_loss_from_hidden, scored_positions
+
+BASE_OBJECTIVES = ("qadapter", "dpo")
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def plain_lm_head(hf_model) -> Optional[torch.nn.Module]:
+    """The output head if logits = head(last_hidden_state) is a plain ``nn.Linear``-like projection, else None."""
+    config = hf_model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    head = hf_model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+        return None
+    if type(head).forward is not torch.nn.Linear.forward:
+        return None
+    return head
+
+
+class _Decoder:
+    """The backbone of an HF causal LM (last hidden states, final norm included) and how to call it."""
+
+    def __init__(self, hf_model):
+        self.module = hf_model.get_decoder()
+        params = inspect.signature(self.module.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.config = hf_model.config
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": cache is not None}
+        if cache is not None:
+            kwargs[self.cache_kwarg] = cache
+        return self.module(**kwargs).last_hidden_state
+
+    def new_cache(self):
+        """A DynamicCache of plain full-attention layers, or None (sliding windows, linear attention, ...)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if getattr(self.module, "gradient_checkpointing", False) and self.module.training:
+            return None  # a checkpointed layer would append to the cache again when recomputed in backward
+        try:
+            cache = DynamicCache(config=self.config)
+        except Exception:  # noqa: BLE001 - an architecture DynamicCache cannot describe: no sharing
+            return None
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return None
+        return cache
+
+
+def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per pair i, the length S_i of the prefix that chosen row i and rejected row B+i share ([B] long), or None
+    when the batch cannot share prefixes (not right padded, or a pair without a common first token).
+
+    S_i is the longest common prefix of real tokens, capped at len - 1 of either row so that each row keeps at
+    least one token of its own (the continuation pass needs one)."""
+    n, length = input_ids.shape
+    if n % 2 or n == 0:
+        return None
+    lens = attention_mask.long().sum(1)
+    right_padded = (attention_mask.long() == (torch.arange(length, device=lens.device) < lens[:, None]).long()).all()
+    if not bool(right_padded):
+        return None
+    ids_c, ids_r = input_ids.chunk(2)
+    mask_c, mask_r = attention_mask.bool().chunk(2)
+    same = (ids_c == ids_r) & mask_c & mask_r
+    common = same.long().cumprod(dim=1).sum(dim=1)
+    len_c, len_r = lens.chunk(2)
+    common = torch.minimum(common, torch.minimum(len_c, len_r) - 1)
+    if bool((common < 1).any()):
+        return None
+    return common
+
+
+def _shared_prefix_hidden(decoder: _Decoder, input_ids, attention_mask, prefix, cache):
+    """Run each pair's shared prefix once ([B, P]) and the 2B continuations on its repeated cache ([2B, R]).
+
+    Returns (h_prefix [B, P, H], h_cont [2B, R, H], S [2B]): the hidden state at sequence index t of row r is
+    h_prefix[r mod B, t] for t < S_r, else h_cont[r, t - S_r]."""
+    n, length = input_ids.shape
+    b = n // 2
+    device = input_ids.device
+    p = int(prefix.max())
+    ar_p = torch.arange(p, device=device)
+    p_mask = (ar_p < prefix[:, None]).long()
+    p_pos = ar_p.expand(b, p)
+    h_prefix = decoder(input_ids[:b, :p], p_mask, p_pos, cache)
+
+    cache.reorder_cache(torch.arange(b, device=device).repeat(2))  # [B] -> [2B]: chosen rows, then rejected rows
+    lens = attention_mask.long().sum(1)
+    s = prefix.repeat(2)
+    r = int((lens - s).max())
+    idx = s[:, None] + torch.arange(r, device=device)  # sequence index of continuation token j of each row
+    c_valid = idx < lens[:, None]
+    c_ids = input_ids.gather(1, idx.clamp(max=length - 1))
+    c_mask = torch.cat([p_mask.repeat(2, 1), c_valid.long()], dim=1)
+    h_cont = decoder(c_ids, c_mask, idx, cache)
+    return h_prefix, h_cont, s
+
+
+def _gather_shared(h_prefix, h_cont, s, rows, cols):
+    b, p, hidden = h_prefix.shape
+    r = h_cont.shape[1]
+    s_rows = s[rows]
+    in_prefix = cols < s_rows
+    flat = torch.where(in_prefix, (rows % b) * p + cols, b * p + rows * r + (cols - s_rows).clamp(min=0))
+    return torch.cat([h_prefix.reshape(-1, hidden), h_cont.reshape(-1, hidden)]).index_select(0, flat)
+
+
+def hidden_at(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: ScoredPositions,
+              share_prefix: bool = True) -> tuple[torch.Tensor, bool]:
+    """Final hidden states ``[M, H]`` at the scored positions (row k = hidden at (rows[k], cols[k])), and whether
+    the prefix was shared. Runs under whatever grad mode / adapter state the caller set."""
+    decoder = _Decoder(hf_model)
+    rows, cols = positions.rows.to(input_ids.device), positions.cols.to(input_ids.device)
+    if share_prefix:
+        prefix = shared_prefix_lengths(input_ids, attention_mask)
+        lens = attention_mask.long().sum(1)
+        cache = decoder.new_cache() if prefix is not None and bool((cols < lens[rows]).all()) else None
+        if cache is not None:
+            h_prefix, h_cont, s = _shared_prefix_hidden(decoder, input_ids, attention_mask, prefix, cache)
+            return _gather_shared(h_prefix, h_cont, s, rows, cols), True
+    n_used = int(rows.max()) + 1 if rows.numel() else 1  # sft scores the chosen half only: run just those rows
+    ids, mask = input_ids[:n_used], attention_mask[:n_used]
+    hidden = decoder(ids, mask, _positions_from_mask(mask))
+    return hidden[rows, cols], False
+
+
+def fused_loss(qmodel, objective: str, batch: dict, q_cfg=None, dpo_beta: float = 0.1, share_prefix: bool = True,
+               chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``compute_loss`` for a collated pair batch, computed the fused way (see the module docstring).
+
+    qmodel: a ``QAdapterModel``. Base pass (adapter off, no grad, dropout off) first, then the adapter-on pass with
+    grad, as ``QAdapterModel.q_and_base_logits`` does. Same loss and metrics as
+    ``compute_loss(objective, *qmodel.q_and_base_logits(ids, mask), batch, q_cfg, dpo_beta)`` up to float rounding.
+    The metrics gain ``fused/shared_prefix`` (1.0 when the prefix was shared) and ``fused/scored_tokens``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: expected one of {OBJECTIVES}")
+    q_cfg = q_cfg or qmodel.q_config
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    need_base = objective in BASE_OBJECTIVES
+    hf_model = qmodel.peft_model.get_base_model()
+    head = plain_lm_head(hf_model)
+    if head is None:  # not a plain linear head: the logits path
+        q, base = qmodel.q_and_base_logits(input_ids, attention_mask, need_base=need_base)
+        return compute_loss(objective, q, base, batch, q_cfg, dpo_beta)
+
+    positions = scored_positions(objective, input_ids, batch["response_mask"], q_cfg.mask_alignment)
+    share = share_prefix and need_base
+    base_hidden = None
+    if need_base:
+        with torch.no_grad(), qmodel.adapter_disabled(), qmodel.eval_mode():
+            base_hidden, _ = hidden_at(hf_model, input_ids, attention_mask, positions, share)
+    q_hidden, shared = hidden_at(hf_model, input_ids, attention_mask, positions, share)
+    loss, metrics = compute_loss_from_hidden(objective, q_hidden, base_hidden, head.weight, positions, q_cfg,
+                                             dpo_beta, lm_head_bias=head.bias, chunk_tokens=chunk_tokens)
+    metrics["fused/shared_prefix"] = float(shared)
+    metrics["fused/scored_tokens"] = float(positions.rows.numel())
+    return loss, metrics

@@ -1,0 +1,255 @@
+"""lm-evaluation-harness model type ``qadapter``: the customized policy of a Q-Adapter under lm-eval's tasks.
+
+    pi_custom(.|s) = softmax((Q(s, .) + alpha_0 * log pi_pre(.|s)) / alpha_tilde)        (docs/method.md)
+
+- loglikelihood / loglikelihood_rolling: sums of log pi_custom over the continuation tokens (float32, from
+  ``QAdapterModel.q_and_base_logits`` + ``customized_logits``), is_greedy = every continuation token is the argmax.
+- generate_until: ``QAdapterModel.generate`` (two-pass, two-KV-cache), cut at the ``until`` strings.
+
+model_args: ``pretrained=<base dir | tiny | smollm2-135m>,adapter=<adapter dir>,alpha_0=..,alpha_tilde=..,
+batch_size=..,dtype=float32,device=cpu,max_length=..,max_gen_toks=256,add_bos_token=False``. alpha_0/alpha_tilde
+default to the adapter's trained values (qadapter.json); without an adapter the model is the base policy
+(alpha_0 = 0, alpha_tilde = 1). A DPO/SFT/replay adapter is the plain adapter-on policy: pass alpha_0=0,alpha_tilde=1.
+
+lm-eval's CLI only knows registered models, so run it through this module (it registers, then calls lm-eval's
+own CLI with the same arguments):
+
+    python -m qcore.lm_eval_model --model qadapter \
+        --model_args pretrained=smollm2-135m,adapter=runs/x/train/qadapter/adapter --tasks mmlu --batch_size 8
+
+or the console script ``qadapter-lm-eval`` (same arguments), or from Python: ``import qcore.lm_eval_model`` and
+then ``lm_eval.simple_evaluate(model="qadapter", ...)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Optional
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from qcore.metrics import token_logprobs
+
+log = logging.getLogger("qadapter.lm_eval")
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "y")
+    return bool(v)
+
+
+def _as_float(v: Any) -> Optional[float]:
+    return None if v is None or v == "" or v == "None" else float(v)
+
+
+@register_model("qadapter")
+class QAdapterLM(TemplateLM):
+    """An lm-eval LM scoring and generating with a Q-Adapter's customized policy (single process)."""
+
+    backend = "causal"
+
+    def __init__(self, pretrained: str = "smollm2-135m", adapter: Optional[str] = None, alpha_0: Any = None,
+                 alpha_tilde: Any = None, batch_size: Any = 1, dtype: str = "float32", device: Optional[str] = None,
+                 max_length: Any = None, max_gen_toks: Any = 256, add_bos_token: Any = False,
+                 trust_remote_code: Any = False, max_batch_size: Any = None, **kwargs):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        from qcore.base_models import resolve_model_path
+        from qcore.config import QConfig
+        from qcore.model import QAdapterModel, read_qadapter_json
+
+        if kwargs:
+            log.warning("qadapter: ignoring unknown model_args %s", sorted(kwargs))
+        base_dir = resolve_model_path(str(pretrained))
+        trust = _as_bool(trust_remote_code)
+        if adapter:
+            trained = read_qadapter_json(adapter)
+        else:  # no adapter: the base policy, exactly
+            trained = QConfig(alpha_0=0.0, alpha_tilde=1.0)
+        self.alpha_0 = trained.alpha_0 if _as_float(alpha_0) is None else _as_float(alpha_0)
+        self.alpha_tilde = trained.alpha_tilde if _as_float(alpha_tilde) is None else _as_float(alpha_tilde)
+        if self.alpha_tilde <= 0 or self.alpha_0 < 0:
+            raise ValueError(f"qadapter: need alpha_0 >= 0 and alpha_tilde > 0, got {self.alpha_0}, {self.alpha_tilde}")
+        self._device = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = QAdapterModel.from_pretrained(base_dir, adapter_path=adapter, dtype=dtype,
+                                                   trust_remote_code=trust, is_trainable=False)
+        self.model.to(self._device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if str(batch_size).startswith("auto"):
+            log.warning("qadapter: batch_size=auto is not supported; using 8")
+            batch_size = 8
+        self.batch_size = max(1, int(batch_size))
+        self._max_length = int(max_length) if max_length else int(
+            getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = _as_bool(add_bos_token)
+        self.chunk_size = self.model.q_config.chunk_size
+
+    # ------------------------------------------------------------------ tokenization
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return int(bos) if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "qadapter").replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+        special = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        return list(self.tokenizer(string, add_special_tokens=special)["input_ids"])
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------------ scoring
+    def custom_logprobs(self, sequences: list[list[int]], spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor,
+                                                                                                       torch.Tensor]]:
+        """For each token sequence and (start, end) span of positions whose NEXT tokens are scored: the
+        log pi_custom of those next tokens and the greedy flags. One right-padded batch."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        out = []
+        with torch.no_grad():
+            q, base = self.model.q_and_base_logits(ids, mask, need_base=True)
+            for i, (start, end) in enumerate(spans):
+                custom = self.model.customized_logits(q[i : i + 1, start:end], base[i : i + 1, start:end],
+                                                      alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
+                target = ids[i : i + 1, start + 1 : end + 1]
+                lp = token_logprobs(custom, target, self.chunk_size)[0]
+                greedy = custom[0].argmax(-1) == target[0]
+                out.append((lp.cpu(), greedy.cpu()))
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: Optional[int] = None):
+        """requests: [((context, continuation) | None, context_enc, continuation_enc)] -> [(logprob, is_greedy)]."""
+        bs = override_bs or self.batch_size
+        prepared = []  # (request index, tokens fed = context + continuation, span of scored positions)
+        for n, (_key, ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError("qadapter: empty continuation")
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            length = len(whole) - 1  # the model input is whole[:-1]; feeding the last token too changes nothing
+            n_cont = min(len(cont), length)
+            prepared.append((n, whole, (length - n_cont, length)))  # logits at p predict whole[p + 1]
+        order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][1]))  # similar lengths batch together
+        results: list[Optional[tuple[float, bool]]] = [None] * len(prepared)
+        for b in range(0, len(order), bs):
+            chunk = [prepared[i] for i in order[b : b + bs]]
+            got = self.custom_logprobs([whole for _, whole, _ in chunk], [span for _, _, span in chunk])
+            for (n, _, _), (lp, greedy) in zip(chunk, got):
+                res = (float(lp.double().sum()), bool(greedy.all()))
+                results[n] = res
+                if requests[n][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[n][0], res)
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval import utils
+
+        out = []
+        for req in requests:
+            (string,) = req.args
+            windows = [(None,) + utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1)]
+            total = sum(ll for ll, _ in self._loglikelihood_tokens(windows, disable_tqdm=True))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+            out.append(total)
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list[Optional[str]] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        for _key, idxs in groups.items():
+            kwargs = dict(requests[idxs[0]].args[1] or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+            if eos_text and eos_text not in until:
+                until.append(eos_text)
+            max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+            do_sample = _as_bool(kwargs.pop("do_sample", False)) and temperature > 0
+            top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+            if kwargs:
+                log.warning("qadapter: ignoring generation kwargs %s", sorted(kwargs))
+            for b in range(0, len(idxs), self.batch_size):
+                batch = idxs[b : b + self.batch_size]
+                texts = self.generate_batch([requests[i].args[0] for i in batch], max_gen, do_sample,
+                                            temperature if do_sample else 1.0, top_p)
+                for i, text in zip(batch, texts):
+                    for stop in until:
+                        if stop:
+                            text = text.split(stop)[0]
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results  # type: ignore[return-value]
+
+    def generate_batch(self, contexts: list[str], max_new_tokens: int, do_sample: bool = False,
+                       temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """Left-padded batch generation from pi_custom; returns the decoded new text (special tokens dropped)."""
+        room = max(1, self.max_length - max_new_tokens)
+        encs = [self.tok_encode(c)[-room:] for c in contexts]
+        pad = self.tokenizer.pad_token_id
+        width = max(len(e) for e in encs)
+        ids = torch.full((len(encs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encs):
+            ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e):] = 1
+        with torch.no_grad():
+            out = self.model.generate(ids.to(self._device), mask.to(self._device), max_new_tokens=max_new_tokens,
+                                      do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                      alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde,
+                                      eos_token_id=self.eot_token_id, pad_token_id=pad)
+        texts = []
+        for row in out[:, width:].cpu().tolist():
+            if self.eot_token_id in row:
+                row = row[: row.index(self.eot_token_id)]
+            texts.append(self.tok_decode(row))
+        return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m qcore.lm_eval_model <lm_eval arguments>``: lm-eval's own CLI, with ``qadapter`` registered."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0]] + list(argv)
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The DAG driver (pipelines/full.py) on the shared Ray: stage keys, the manifest, and resume-by-skipping."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines import full
+from pipelines.common import Manifest
+
+pytestmark = [pytest.mark.ray]
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+DATA = str(ROOT / "data" / "tiny" / "pairs.jsonl")
+
+
+def _argv(storage, *extra):
+    return ["--config", TINY, "--run.storage_path", str(storage), "--data.train_files", f"[{DATA}]", *extra]
+
+
+def _manifest(storage):
+    return Manifest(str(Path(storage) / "tiny"))
+
+
+@pytest.mark.timeout(420)
+def test_rerun_skips_finished_preprocess(ray_session, tmp_path, capsys):
+    # 1. interrupted after preprocessing
+    res = full.main(_argv(tmp_path, "--stop-after", "preprocess"))
+    first = capsys.readouterr().out
+    assert "run  preprocess" in first
+    entry = _manifest(tmp_path).data["stages"]["preprocess"]
+    assert entry["status"] == "finished" and entry["wall_s"] > 0
+    assert entry["outputs"]["read"] == 64 and entry["out_dir"] == res["preprocess"]["out_dir"]
+    assert entry["out_dir"].endswith(f"/tiny/preprocess/{entry['key']}")
+    assert entry["inputs"]["files"][0]["file"] == DATA and entry["worker"]["node_id"]
+    stats = Path(entry["out_dir"]) / "stats.json"
+    mtime = stats.stat().st_mtime_ns
+
+    # 2. the rerun does not run preprocess again
+    again = full.main(_argv(tmp_path, "--stop-after", "preprocess"))
+    out = capsys.readouterr().out
+    assert "skip preprocess (cached)" in out and "run  preprocess" not in out
+    assert _manifest(tmp_path).events("preprocess") == [("preprocess", "run"), ("preprocess", "finish"),
+                                                        ("preprocess", "skip")]
+    assert stats.stat().st_mtime_ns == mtime
+    assert again["preprocess"] == res["preprocess"]
+
+    # 3. --run.resume false forces it; 4. a changed data section is a new key and a new directory
+    full.main(_argv(tmp_path, "--stop-after", "preprocess", "--run.resume", "false"))
+    assert "run  preprocess" in capsys.readouterr().out
+    assert stats.stat().st_mtime_ns != mtime
+    changed = full.main(_argv(tmp_path, "--stop-after", "preprocess", "--data.max_length", "48"))
+    assert "run  preprocess" in capsys.readouterr().out
+    assert changed["preprocess"]["out_dir"] != res["preprocess"]["out_dir"]
+    assert [e for _, e in _manifest(tmp_path).events("preprocess")].count("run") == 3
+    # switching back finds the first directory again
+    full.main(_argv(tmp_path, "--stop-after", "preprocess"))
+    assert "skip preprocess (cached)" in capsys.readouterr().out
+
+
+def _have(*modules):
+    return all(importlib.util.find_spec(f"pipelines.{m}") is not None for m in modules)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _have("train", "tune", "evaluate", "report"), reason="train/tune stages not written yet")
+def test_full_dag_then_everything_cached(ray_session, tmp_path, capsys):
+    full.main(_argv(tmp_path))
+    out = capsys.readouterr().out
+    m = _manifest(tmp_path)
+    stages = m.data["stages"]
+    for name in ("preprocess", "tune", "train/qadapter", "evaluate", "report"):
+        assert stages[name]["status"] == "finished", (name, stages[name])
+    adapter = Path(stages["train/qadapter"]["outputs"]["adapter_dir"])
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert Path(stages["tune"]["outputs"]["results_csv"]).exists()
+    assert (tmp_path / "tiny" / "report.md").exists()
+    assert "artifacts of run 'tiny'" in out
+
+    full.main(_argv(tmp_path))
+    out = capsys.readouterr().out
+    for name in ("preprocess", "tune", "train/qadapter", "evaluate", "report"):
+        assert f"skip {name} (cached)" in out
+    assert [e for s, e in _manifest(tmp_path).events() if e == "run"] == ["run"] * 5
+    assert json.loads((tmp_path / "tiny" / "manifest.json").read_text())["stages"]["tune"]["key"] == \
+        stages["tune"]["key"]

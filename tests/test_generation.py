@@ -1,0 +1,218 @@
+"""Two-pass, two-KV-cache generation from pi_custom: equal to recomputing everything, batch-invariant, the dial."""
+import copy
+import math
+
+import pytest
+import torch
+
+from qcore.config import AdapterConfig, QConfig
+from qcore.generation import filter_logits, generate, generate_reference
+from qcore.model import QAdapterModel
+
+PAD = 3
+
+
+def _perturb_lora(model, seed=1, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=384, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=1,
+                     eos_token_id=2, pad_token_id=PAD)
+    return GPT2LMHeadModel(cfg), AdapterConfig(dropout=0.0, target_modules=["c_attn"])
+
+
+def _model(tiny_model, arch="llama", q_cfg=None, perturb=True):
+    hf, a_cfg = (tiny_model, AdapterConfig(dropout=0.0)) if arch == "llama" else _tiny_gpt2()
+    model = QAdapterModel.from_model(hf, a_cfg, q_cfg or QConfig(alpha_0=0.5, alpha_tilde=0.8))
+    if perturb:
+        _perturb_lora(model)
+    return model
+
+
+def _prompts(lengths=(3, 6, 9), seed=0):
+    """Left-padded batch of random prompts of different lengths, and the unpadded prompts."""
+    g = torch.Generator().manual_seed(seed)
+    raw = [torch.randint(4, 384, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(raw), width), PAD)
+    mask = torch.zeros(len(raw), width, dtype=torch.long)
+    for i, r in enumerate(raw):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask, raw
+
+
+def _greedy_by_forward(model, ids, mask, steps):
+    """Independent reference: the full forward (no cache, no generation code) at every step, argmax of pi_custom."""
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(ids, mask).custom_logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_greedy_equals_full_recompute(tiny_model, arch):
+    model = _model(tiny_model, arch)
+    ids, mask, _ = _prompts()
+    model.train()  # generation switches dropout off by itself (GPT-2 has dropout 0.1) and restores the mode
+    got = generate(model, ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(ids, mask)
+    assert (out.q_logits - out.base_logits).abs().max() > 1e-2  # adapter on != adapter off
+    assert got.shape == (3, 9 + 12) and torch.equal(got[:, :9], ids)
+    assert torch.equal(got, _greedy_by_forward(model, ids, mask, 12))
+    assert torch.equal(got, generate_reference(model, ids, mask, max_new_tokens=12, eos_token_id=[]))
+    # the customized policy is not the base policy here: along the generated text their argmaxes differ somewhere
+    with torch.no_grad():
+        full = model(got, torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], 1))
+    assert (full.custom_logits.argmax(-1) != full.base_logits.argmax(-1))[:, 8:].any()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_sampling_equals_full_recompute_with_fixed_generator(tiny_model, arch):
+    model = _model(tiny_model, arch)
+    ids, mask, _ = _prompts()
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=100, top_p=0.95, eos_token_id=[])
+    a = generate(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
+    b = generate_reference(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
+    c = generate(model, ids, mask, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the draws really depend on the generator
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_left_padding_equals_unbatched(tiny_model, arch):
+    model = _model(tiny_model, arch)
+    ids, mask, raw = _prompts(lengths=(2, 7, 4, 9))
+    batched = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[])
+    for i, r in enumerate(raw):
+        alone = generate(model, r[None], None, max_new_tokens=10, eos_token_id=[])
+        assert torch.equal(alone[0, len(r):], batched[i, ids.shape[1]:]), f"row {i}"
+
+
+def test_fresh_adapter_greedy_equals_hf_generate_of_the_base(tiny_model):
+    """Q == z_base at init, so argmax pi_custom == argmax pi_pre for any alpha: our loop must match HF's."""
+    plain = copy.deepcopy(tiny_model)
+    model = _model(tiny_model, perturb=False, q_cfg=QConfig(alpha_0=2.0, alpha_tilde=0.3))
+    ids, mask, _ = _prompts()
+    ours = generate(model, ids, mask, max_new_tokens=8, eos_token_id=[])
+    hf = plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                        pad_token_id=PAD)
+    assert torch.equal(ours, hf)
+
+
+def _first_token_samples(model, prompt, n, **kw):
+    ids = prompt[None].repeat(n, 1)
+    out = generate(model, ids, None, max_new_tokens=1, do_sample=True, eos_token_id=[],
+                   generator=torch.Generator().manual_seed(0), **kw)
+    return torch.bincount(out[:, -1], minlength=384).double() / n
+
+
+def _predicted(model, prompt, alpha_0, alpha_tilde):
+    with torch.no_grad():
+        q, base = model.q_and_base_logits(prompt[None], torch.ones_like(prompt[None]))
+    q, base = q[0, -1].double(), base[0, -1].double()
+    return torch.softmax((q + alpha_0 * torch.log_softmax(base, -1)) / alpha_tilde, -1)
+
+
+def _tv(p, q):
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def _entropy(p):
+    p = p[p > 0]
+    return -(p * p.log()).sum().item()
+
+
+def test_dial_alpha_tilde_moves_towards_uniform(tiny_model):
+    model = _model(tiny_model, q_cfg=QConfig(alpha_0=0.5, alpha_tilde=1.0))
+    with torch.no_grad():  # a sharper lm_head so the base and Q policies are far from uniform to begin with
+        model.peft_model.get_base_model().lm_head.weight.mul_(40)
+    model.eval()
+    prompt = _prompts()[2][2]
+    n = 4000
+    sharp_pred = _predicted(model, prompt, 0.5, 0.25)
+    flat_pred = _predicted(model, prompt, 0.5, 1000.0)
+    assert flat_pred.max() < 1.05 / 384  # the prediction itself: alpha_tilde -> inf gives uniform
+    assert _entropy(sharp_pred) < math.log(384) - 1.0
+    sharp = _first_token_samples(model, prompt, n, alpha_tilde=0.25)
+    flat = _first_token_samples(model, prompt, n, alpha_tilde=1000.0)
+    assert _entropy(flat) > _entropy(sharp) + 1.0
+    # each empirical distribution is close to ITS prediction and far from the other one
+    assert _tv(sharp, sharp_pred) < 0.1 and _tv(sharp, flat_pred) > 0.4
+    top = sharp_pred.argmax()
+    sigma = math.sqrt(sharp_pred[top] * (1 - sharp_pred[top]) / n)
+    assert abs(sharp[top] - sharp_pred[top]) < 5 * sigma
+
+
+def test_dial_alpha_0_with_fresh_adapter_is_sharpened_base(tiny_model):
+    """Q == z_base: pi_custom = softmax((1 + alpha_0) / alpha_tilde * z_base). A large alpha_0 concentrates the draws
+    on the base's argmax; alpha_0 = 0 samples from the base policy itself."""
+    model = _model(tiny_model, perturb=False, q_cfg=QConfig(alpha_0=0.0, alpha_tilde=1.0))
+    with torch.no_grad():
+        model.peft_model.get_base_model().lm_head.weight.mul_(20)
+    model.eval()
+    prompt = _prompts()[2][2]
+    with torch.no_grad():
+        z = model.base_logits(prompt[None], torch.ones_like(prompt[None]))[0, -1].double()
+    n = 3000
+    for alpha_0 in (0.0, 1.0, 30.0):
+        want = torch.softmax((1 + alpha_0) * z, -1)
+        assert (_predicted(model, prompt, alpha_0, 1.0) - want).abs().max() < 1e-6
+        got = _first_token_samples(model, prompt, n, alpha_0=alpha_0)
+        top = z.argmax()
+        sigma = math.sqrt(want[top] * (1 - want[top]) / n) + 1e-9
+        assert abs(got[top] - want[top]) < 5 * sigma + 1e-3, alpha_0
+    assert _first_token_samples(model, prompt, n, alpha_0=30.0)[z.argmax()] > 0.95
+    assert _first_token_samples(model, prompt, n, alpha_0=0.0)[z.argmax()] < 0.8
+
+
+def test_eos_stops_rows_and_finished_rows_emit_pad(tiny_model):
+    model = _model(tiny_model)
+    ids, mask, _ = _prompts()
+    free = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[])
+    new = free[:, 9:]
+    eos = int(new[0, 3])  # make the token row 0 emits at step 3 the EOS
+    got = generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD)
+    for i in range(3):
+        row_free, row = new[i], got[i, 9:]
+        hits = (row_free == eos).nonzero()
+        stop = int(hits[0]) if len(hits) else None
+        if stop is None:
+            assert torch.equal(row, row_free[: len(row)])
+        else:
+            assert torch.equal(row[: stop + 1], row_free[: stop + 1])  # identical up to and including EOS
+            assert bool((row[stop + 1:] == PAD).all())  # then only padding
+    assert int((new[0] == eos).nonzero()[0]) <= 3 and bool((got[0, 9 + 4:] == PAD).all())
+    # a single row stops early: the output is shorter than max_new_tokens
+    one = generate(model, ids[2:3], mask[2:3], max_new_tokens=10, eos_token_id=int(new[2, 1]), pad_token_id=PAD)
+    first = int((new[2] == new[2, 1]).nonzero()[0])
+    assert one.shape[1] == 9 + first + 1 and one[0, -1] == new[2, 1]
+
+
+def test_right_padding_is_refused(tiny_model):
+    model = _model(tiny_model)
+    ids, mask, _ = _prompts()
+    with pytest.raises(ValueError, match="LEFT"):
+        generate(model, ids, mask.flip(-1), max_new_tokens=2)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # nucleus 0.7: 0.5 alone is < 0.7, so 0.3 is kept too; 0.15 is not needed
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]

@@ -1,0 +1,209 @@
+"""A real 2-node Ray cluster on loopback (token auth on) running pipelines/full.py through `ray job submit`.
+
+Each node is `ray start --block` in its own process group (a new session); the test ends exactly those two groups
+afterwards, never a broad `ray stop`. Every port is picked here and the temp dir is the test's own, so other Ray
+sessions on the machine are untouched.
+"""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+NODE_CPUS = 3
+
+
+def _free_ports(n):
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` = ours
+    env.update(RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RAY_raylet_start_wait_time_s="120", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+def _node_ports():
+    p = _free_ports(6)
+    return ["--node-manager-port", p[0], "--object-manager-port", p[1], "--metrics-export-port", p[2],
+            "--dashboard-agent-listen-port", p[3], "--dashboard-agent-grpc-port", p[4],
+            "--runtime-env-agent-port", p[5]]
+
+
+class Cluster:
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="rqmn", dir="/tmp")  # short: Unix socket paths have a length limit
+        self.gcs_port, self.dash_port, self.client_port = _free_ports(3)
+        self.address = f"http://127.0.0.1:{self.dash_port}"
+        self.procs: list[subprocess.Popen] = []
+        self.env = _env()
+
+    def _start(self, name, args):
+        log = open(os.path.join(self.tmp, f"{name}.log"), "w")
+        cmd = [RAY, "start", "--block", "--num-cpus", str(NODE_CPUS), "--node-ip-address", "127.0.0.1",
+               "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats", *map(str, args)]
+        # start_new_session: setsid, so the node and everything it forks form one process group we can end
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                           start_new_session=True, cwd=self.tmp))
+
+    def start(self):
+        self._start("head", ["--head", "--port", self.gcs_port, "--dashboard-port", self.dash_port,
+                             "--dashboard-host", "127.0.0.1", "--ray-client-server-port", self.client_port,
+                             "--temp-dir", self.tmp, "--include-dashboard", "true", *_node_ports()])
+        self._wait(lambda: self.cli("job", "list").returncode == 0, 180, "the head's job server")
+        self._start("worker", ["--address", f"127.0.0.1:{self.gcs_port}", *_node_ports()])
+        self._wait(lambda: self.alive_nodes() == 2, 180, "2 alive nodes")
+
+    def cli(self, *args, timeout=120):
+        return subprocess.run([RAY, *args, "--address", self.address], env=self.env, cwd=ROOT, text=True,
+                              capture_output=True, timeout=timeout)
+
+    def alive_nodes(self):
+        out = self.cli("list", "nodes", "--format", "json")
+        try:  # "No resource in the cluster" (not JSON) while the nodes register
+            nodes = json.loads(out.stdout) if out.returncode == 0 else []
+        except json.JSONDecodeError:
+            nodes = []
+        return sum(n.get("state") == "ALIVE" for n in nodes)
+
+    def _wait(self, ok, timeout, what):
+        end = time.time() + timeout
+        while time.time() < end:
+            dead = [p.args[2:4] for p in self.procs if p.poll() is not None]
+            assert not dead, f"a node exited while waiting for {what}: {self.logs()}"
+            if ok():
+                return
+            time.sleep(2)
+        raise TimeoutError(f"no {what} after {timeout}s: {self.logs()}")
+
+    def logs(self):
+        return {f.name: f.read_text()[-2000:] for f in Path(self.tmp).glob("*.log")}
+
+    def submit(self, *entry_args, timeout=900):
+        job_id = f"qadapter-{uuid.uuid4().hex[:8]}"
+        t0 = time.time()
+        out = self.cli("job", "submit", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
+                       "python", "pipelines/full.py", *entry_args, timeout=timeout)
+        wall = time.time() - t0
+        status = self.cli("job", "status", job_id)
+        return job_id, out, status, wall
+
+    def stop(self):
+        """End exactly our two process groups (SIGTERM, then SIGKILL for whatever is left)."""
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.time() + 60
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=max(1, end - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:  # children of `ray start` may outlive it in the group: make sure they are gone
+            for _ in range(20):
+                try:
+                    os.killpg(p.pid, 0)
+                except ProcessLookupError:
+                    break
+                if time.time() > end:
+                    os.killpg(p.pid, signal.SIGKILL)
+                time.sleep(0.5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    t0 = time.time()
+    try:
+        c.start()
+        print(f"2-node cluster up in {time.time() - t0:.1f}s")
+        yield c
+    finally:
+        c.stop()
+    for p in c.procs:  # the groups are gone
+        with pytest.raises(ProcessLookupError):
+            os.killpg(p.pid, 0)
+
+
+def _stages_ready():
+    return all(importlib.util.find_spec(f"pipelines.{m}") is not None for m in ("train", "tune", "evaluate", "report"))
+
+
+def _check_upload(out: str, storage: Path, manifest: dict):
+    """The working dir went up without .venv (honouring .gitignore): small, and the unpacked copy has no .venv."""
+    sizes = re.findall(r"Uploading package \S+ \(([\d.]+)(KiB|MiB|GiB)\)", out)
+    if sizes:
+        value, unit = sizes[0]
+        assert unit != "GiB" and not (unit == "MiB" and float(value) > 20), out[:2000]
+    worker = manifest["stages"]["preprocess"]["worker"]
+    unpacked = Path(worker["cwd"])
+    assert worker["code"].startswith(str(unpacked)), worker  # the stage ran the uploaded code, not /work/main
+    assert "runtime_resources" in str(unpacked) and (unpacked / "pipelines" / "full.py").exists()
+    assert not (unpacked / ".venv").exists() and not (unpacked / "runs").exists()
+
+
+@pytest.mark.timeout(900)
+def test_job_submit_preprocess_on_two_nodes(cluster, tmp_path):
+    storage = tmp_path / "runs"
+    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage),
+                                               "--stop-after", "preprocess")
+    print(f"job {job_id}: {wall:.1f}s")
+    assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout[-4000:], out.stderr[-4000:])
+    assert "SUCCEEDED" in status.stdout + status.stderr
+    manifest = json.loads((storage / "tiny" / "manifest.json").read_text())
+    pre = manifest["stages"]["preprocess"]
+    assert pre["status"] == "finished"
+    stats = json.loads(Path(pre["outputs"]["stats_path"]).read_text())
+    assert stats["read"] == 64 and stats["kept"] + stats["rejected"] == 64
+    assert "64 read, 64 kept, 0 rejected" in out.stdout
+    _check_upload(out.stdout + out.stderr, storage, manifest)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _stages_ready(), reason="train/tune/evaluate/report stages not written yet")
+def test_job_submit_full_pipeline_on_two_nodes(cluster, tmp_path):
+    storage = tmp_path / "runs"
+    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage))
+    print(f"job {job_id}: {wall:.1f}s")
+    assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout[-6000:], out.stderr[-4000:])
+    assert "SUCCEEDED" in status.stdout + status.stderr
+    manifest = json.loads((storage / "tiny" / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert all(e["status"] == "finished" for e in stages.values()), stages
+    train = stages["train/qadapter"]["outputs"]
+    assert (Path(train["adapter_dir"]) / "adapter_model.safetensors").exists()
+    assert train["metrics"], train
+    tune = stages["tune"]["outputs"]
+    import pandas as pd
+
+    trials = pd.read_csv(tune["results_csv"])
+    assert len(trials) >= 2, trials
+    assert Path(tune["results_md"]).exists()
+    assert (storage / "tiny" / "report.md").exists()
