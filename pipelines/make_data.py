@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -249,10 +250,62 @@ def run_inference(cfg: Config, rows: list[dict], *, num_samples: int, max_new_to
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pairs
+# Candidates and pairs
 # ---------------------------------------------------------------------------------------------------------------
-def make_pairs(samples: list[dict], margin: float = 0.5, max_per_prompt: int = 6) -> list[dict]:
-    """Scored samples ({"id", "prompt", "response", "score"}) -> preference pairs (see the module doc)."""
+_SENT_END = re.compile(r"(?<=[A-Za-z0-9)\"'\u2019\u201d][.!?])\s+")
+_LIST_MARKER = re.compile(r"(^|\n|:)\s*\d+[.)]$")
+
+
+def sentence_cut(text: str, max_words: int = oracle.TARGET_WORDS) -> Optional[str]:
+    """The longest prefix of whole sentences of ``text`` with <= ``max_words`` words (at least its first
+    sentence), or None when there is no such cut that is shorter than the text.
+
+    A sentence ends with . ! or ? right after a letter, digit, closing bracket or quote, followed by whitespace;
+    it must have >= 3 words and not end with a list marker ("...:\n1.") or a colon. The text after the cut
+    is dropped. The base model's own
+    opening sentence(s), ended there: the concise version of an answer it was about to make long.
+    """
+    text = (text or "").strip()
+    parts = _SENT_END.split(text)
+    if len(parts) < 2:
+        return None  # one (possibly unfinished) sentence: nothing to cut
+    kept: list[str] = []
+    for part in parts[:-1]:  # the last part is what followed the last sentence end (maybe unfinished)
+        if len(part.split()) < 3 or _LIST_MARKER.search(part):
+            break
+        if kept and len(" ".join(kept + [part]).split()) > max_words:
+            break
+        kept.append(part)
+    if not kept:
+        return None
+    cut = " ".join(kept).strip()
+    return cut if cut != text and oracle.is_complete(cut) else None
+
+
+def candidates(samples: list[dict], cut_words: int = oracle.TARGET_WORDS) -> list[dict]:
+    """Sample rows -> candidate rows: every sample (``source="sample"``) plus, when it has one, its sentence
+    cut (``source="cut"``, see ``sentence_cut``). Each candidate is scored by the oracle (``score``, ``words``)."""
+    out = []
+    for r in samples:
+        rows = [{**r, "source": "sample"}]
+        cut = sentence_cut(r["response"], cut_words) if cut_words > 0 else None
+        if cut is not None:
+            rows.append({**r, "source": "cut", "response": cut, "finished": True})
+        for c in rows:
+            parts = oracle.score_parts(c["prompt"], c["response"])
+            c["score"] = round(parts["score"], 4)
+            c["words"] = parts["words"]
+            out.append(c)
+    return out
+
+
+def make_pairs(samples: list[dict], margin: float = 1.0, max_per_prompt: int = 4,
+               require_complete_chosen: bool = True) -> list[dict]:
+    """Scored candidates ({"id", "prompt", "response", "score"}) -> preference pairs (see the module doc).
+
+    Per prompt: distinct responses sorted by score; every (higher, lower) combination with a score gap
+    >= ``margin`` (and, with ``require_complete_chosen``, a chosen response that ends a sentence) is a pair;
+    (best, worst) first, then by gap; at most ``max_per_prompt``."""
     by_prompt: dict[int, list[dict]] = {}
     for s in samples:
         by_prompt.setdefault(int(s["id"]), []).append(s)
@@ -265,12 +318,13 @@ def make_pairs(samples: list[dict], margin: float = 0.5, max_per_prompt: int = 6
             if key and key not in seen:
                 seen.add(key)
                 distinct.append(s)
-        combos = [(a, b) for a, b in itertools.combinations(distinct, 2) if a["score"] - b["score"] >= margin]
+        combos = [(a, b) for a, b in itertools.combinations(distinct, 2) if a["score"] - b["score"] >= margin
+                  and (not require_complete_chosen or oracle.is_complete(a["response"]))]
         if not combos:
             continue
-        best_worst = (distinct[0], distinct[-1])
-        combos.sort(key=lambda ab: (ab != best_worst, -(ab[0]["score"] - ab[1]["score"]),
-                                    int(ab[0].get("sample", 0)), int(ab[1].get("sample", 0))))
+        # largest gap first: that is (best, worst) among the allowed chosen; ties by sample index (deterministic)
+        combos.sort(key=lambda ab: (-(ab[0]["score"] - ab[1]["score"]), int(ab[0].get("sample", 0)),
+                                    ab[0].get("source", ""), int(ab[1].get("sample", 0)), ab[1].get("source", "")))
         for a, b in combos[:max_per_prompt]:
             pairs.append({"prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"],
                           "chosen_score": round(a["score"], 4), "rejected_score": round(b["score"], 4)})
@@ -305,50 +359,93 @@ def _update_stats(out: Path, key: str, value: dict) -> None:
     path.write_text(json.dumps(stats, indent=1) + "\n")
 
 
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
+SAMPLE_FIELDS = ("id", "sample", "source", "prompt", "response", "score", "words", "finished", "new_tokens")
+
+
+def build_pairs(out: Path, samples: list[dict], *, margin: float, max_pairs_per_prompt: int, cut_words: int,
+                seed: int) -> dict:
+    """Sampled rows -> candidates (samples.jsonl) -> pairs (pairs.jsonl, shuffled with ``seed``) + their stats."""
+    cands = candidates([r for r in samples if r.get("source", "sample") == "sample"], cut_words=cut_words)
+    write_jsonl(out / "samples.jsonl", [{k: r[k] for k in SAMPLE_FIELDS} for r in cands])
+    pairs = make_pairs(cands, margin=margin, max_per_prompt=max_pairs_per_prompt)
+    random.Random(seed).shuffle(pairs)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    raw = [r for r in cands if r["source"] == "sample"]
+    cuts = [r for r in cands if r["source"] == "cut"]
+    return {
+        "margin": margin, "max_pairs_per_prompt": max_pairs_per_prompt, "cut_words": cut_words,
+        "require_complete_chosen": True, "num_candidates": len(cands), "num_cuts": len(cuts),
+        "num_pairs": len(pairs), "prompts_with_pairs": len({p["prompt"] for p in pairs}),
+        "pairs_chosen_is_cut": sum(1 for p in pairs if p["chosen"] in {c["response"] for c in cuts}),
+        "sample_score": _describe([r["score"] for r in raw]),
+        "sample_words": _describe([r["words"] for r in raw]),
+        "sample_finished_fraction": round(sum(bool(r["finished"]) for r in raw) / max(1, len(raw)), 4),
+        "cut_score": _describe([r["score"] for r in cuts]),
+        "cut_words": _describe([r["words"] for r in cuts]),
+        "chosen_score": _describe([p["chosen_score"] for p in pairs]),
+        "rejected_score": _describe([p["rejected_score"] for p in pairs]),
+        "chosen_words": _describe([len(p["chosen"].split()) for p in pairs]),
+        "rejected_words": _describe([len(p["rejected"].split()) for p in pairs]),
+        "chosen_complete_fraction": round(sum(oracle.is_complete(p["chosen"]) for p in pairs) / max(1, len(pairs)), 4),
+        "rejected_complete_fraction": round(sum(oracle.is_complete(p["rejected"]) for p in pairs)
+                                            / max(1, len(pairs)), 4),
+        "oracle": {k: getattr(oracle, k) for k in ("TARGET_WORDS", "PER_WORD_PENALTY", "MIN_WORDS", "SHORT_PENALTY",
+                                                  "COMPLETE_BONUS", "INCOMPLETE_PENALTY", "RELEVANCE_BONUS",
+                                                  "REPETITION_WEIGHT", "EMPTY_SCORE")},
+    }
+
+
 def generate(cfg: Config, out: Path, *, num_prompts: int, samples: int, max_new_tokens: int, temperature: float,
-             top_p: float, margin: float, max_pairs_per_prompt: int, seed: int, prompts_per_batch: int,
-             num_threads: int, use_gpu: bool) -> dict:
+             top_p: float, margin: float, max_pairs_per_prompt: int, cut_words: int, seed: int,
+             prompts_per_batch: int, num_threads: int, use_gpu: bool, chunk_prompts: int = 80) -> dict:
     train, heldout = split_prompts(num_prompts, seed=seed)
     write_jsonl(out / "heldout_prompts.jsonl", [{k: r[k] for k in ("prompt", "topic", "category", "style")}
                                                 for r in heldout])
     write_jsonl(out / "train_prompts.jsonl", [{k: r[k] for k in ("prompt", "topic", "category", "style")}
                                               for r in train])
-    t0 = time.perf_counter()
-    rows = run_inference(cfg, train, num_samples=samples, max_new_tokens=max_new_tokens, do_sample=True,
-                         temperature=temperature, top_p=top_p, seed=seed, prompts_per_batch=prompts_per_batch,
-                         num_threads=num_threads, use_gpu=use_gpu)
-    wall = time.perf_counter() - t0
-    for r in rows:
-        parts = oracle.score_parts(r["prompt"], r["response"])
-        r["score"] = round(parts["score"], 4)
-        r["words"] = parts["words"]
-    write_jsonl(out / "samples.jsonl", [{k: r[k] for k in ("id", "sample", "prompt", "response", "score", "words",
-                                                            "finished", "new_tokens")} for r in rows])
-    pairs = make_pairs(rows, margin=margin, max_per_prompt=max_pairs_per_prompt)
-    random.Random(seed).shuffle(pairs)
-    write_jsonl(out / "pairs.jsonl", pairs)
+    # In chunks of prompts, each saved under <cache>/make_data/: an interrupted run resumes where it stopped
+    # (same seed and sampling arguments; the training prompts of a seed are a prefix of one fixed order).
+    from qcore.base_models import cache_dir
+
+    chunk_dir = cache_dir() / "make_data"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    model_key = re.sub(r"[^A-Za-z0-9]+", "_", cfg.model.path).strip("_")[-40:]
+    key = f"{model_key}-s{seed}-n{samples}-t{max_new_tokens}-T{temperature}-p{top_p}-b{prompts_per_batch}"
+    rows, wall = [], 0.0
+    for start in range(0, len(train), chunk_prompts):
+        path = chunk_dir / f"{key}-{start:05d}.jsonl"
+        if path.exists():
+            chunk = read_jsonl(path)
+            wall += float(chunk[0].get("_wall_s", 0.0)) if chunk else 0.0
+            log.info("chunk %d: %d samples reused from %s", start, len(chunk), path)
+        else:
+            t0 = time.perf_counter()
+            chunk = run_inference(cfg, train[start:start + chunk_prompts], num_samples=samples,
+                                  max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                  top_p=top_p, seed=seed, prompts_per_batch=prompts_per_batch,
+                                  num_threads=num_threads, use_gpu=use_gpu)
+            dt = time.perf_counter() - t0
+            wall += dt
+            for r in chunk:
+                r["_wall_s"] = round(dt, 1)
+            write_jsonl(path, chunk)
+            log.info("chunk %d-%d: %d samples in %.0f s", start, start + chunk_prompts, len(chunk), dt)
+        rows.extend(chunk)
     n_tokens = sum(r["new_tokens"] for r in rows)
-    stats = {
+    gen = {
         "model": cfg.model.path, "seed": seed, "num_train_prompts": len(train), "num_heldout_prompts": len(heldout),
         "heldout_topics": sorted({r["topic"] for r in heldout}),
         "samples_per_prompt": samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
-        "top_p": top_p, "margin": margin, "max_pairs_per_prompt": max_pairs_per_prompt,
-        "prompts_per_batch": prompts_per_batch, "num_samples": len(rows), "generated_tokens": n_tokens,
-        "generation_wall_s": round(wall, 1), "tokens_per_s": round(n_tokens / wall, 1) if wall else None,
-        "num_pairs": len(pairs), "prompts_with_pairs": len({p["prompt"] for p in pairs}),
-        "sample_score": _describe([r["score"] for r in rows]),
-        "sample_words": _describe([r["words"] for r in rows]),
-        "sample_finished_fraction": round(sum(r["finished"] for r in rows) / max(1, len(rows)), 4),
-        "chosen_score": _describe([p["chosen_score"] for p in pairs]),
-        "rejected_score": _describe([p["rejected_score"] for p in pairs]),
-        "chosen_words": _describe([len(p["chosen"].split()) for p in pairs]),
-        "rejected_words": _describe([len(p["rejected"].split()) for p in pairs]),
-        "oracle": {k: getattr(oracle, k) for k in ("TARGET_WORDS", "PER_WORD_PENALTY", "MIN_WORDS", "SHORT_PENALTY",
-                                                  "COMPLETE_BONUS", "INCOMPLETE_PENALTY", "RELEVANCE_BONUS",
-                                                  "REPETITION_WEIGHT", "EMPTY_SCORE")},
+        "top_p": top_p, "prompts_per_batch": prompts_per_batch, "num_samples": len(rows),
+        "generated_tokens": n_tokens, "generation_wall_s": round(wall, 1), "chunk_prompts": chunk_prompts,
+        "tokens_per_s": round(n_tokens / wall, 1) if wall else None,
     }
-    _update_stats(out, "generation", stats)
-    return stats
+    _update_stats(out, "generation", gen)
+    pair_stats = build_pairs(out, rows, margin=margin, max_pairs_per_prompt=max_pairs_per_prompt,
+                             cut_words=cut_words, seed=seed)
+    _update_stats(out, "pairs", pair_stats)
+    return {"generation": gen, "pairs": pair_stats}
 
 
 def probe_check(cfg: Config, probe_path: Path, out: Optional[Path], *, max_new_tokens: int = 64,
@@ -382,14 +479,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--config", default=None, help="YAML profile (default: configs/default.yaml if present)")
     parser.add_argument("--out", default=str(Path(_ROOT) / "data" / "default"))
     parser.add_argument("--num-prompts", type=int, default=640, help="training prompts (<= 0: the whole pool)")
-    parser.add_argument("--samples", type=int, default=4, help="sampled answers per training prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=2, help="sampled answers per training prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--margin", type=float, default=0.5, help="minimum oracle score gap of a pair")
-    parser.add_argument("--max-pairs-per-prompt", type=int, default=6)
+    parser.add_argument("--margin", type=float, default=1.0, help="minimum oracle score gap of a pair")
+    parser.add_argument("--max-pairs-per-prompt", type=int, default=4)
+    parser.add_argument("--cut-words", type=int, default=oracle.TARGET_WORDS,
+                        help="word budget of the sentence-cut candidates (0: no cut candidates)")
+    parser.add_argument("--from-samples", default=None,
+                        help="rebuild candidates and pairs from an existing samples.jsonl (no model)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts-per-batch", type=int, default=8)
+    parser.add_argument("--prompts-per-batch", type=int, default=16)
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads in the actor (0: all cores)")
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--prompts-only", action="store_true", help="write the prompt files only (no model)")
@@ -410,13 +511,18 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                   for r in train])
         print(json.dumps({"train": len(train), "heldout": len(heldout)}))
         return
-    if args.probe_check:
+    if args.from_samples:
+        stats = build_pairs(out, read_jsonl(Path(args.from_samples)), margin=args.margin,
+                            max_pairs_per_prompt=args.max_pairs_per_prompt, cut_words=args.cut_words, seed=args.seed)
+        _update_stats(out, "pairs", stats)
+    elif args.probe_check:
         stats = probe_check(cfg, Path(args.probe), out, max_new_tokens=args.max_new_tokens,
                             num_threads=args.num_threads, use_gpu=args.use_gpu)
     else:
         stats = generate(cfg, out, num_prompts=args.num_prompts, samples=args.samples,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         margin=args.margin, max_pairs_per_prompt=args.max_pairs_per_prompt, seed=args.seed,
+                         margin=args.margin, max_pairs_per_prompt=args.max_pairs_per_prompt,
+                         cut_words=args.cut_words, seed=args.seed,
                          prompts_per_batch=args.prompts_per_batch, num_threads=args.num_threads,
                          use_gpu=args.use_gpu)
     print(json.dumps(stats, indent=1))

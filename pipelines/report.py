@@ -7,8 +7,9 @@
     {
       "evaluate": <evaluate_stage's return value> | "<path to evaluate/results.json>",
       "train_histories": {method: "<history.jsonl>" | "<dir holding history.jsonl>"},   # training curves
+      "train": {method: <train_stage's return value>},  # alternative: its "history" list / out_dir is used
       "tune": "<tune results CSV>" | "<dir holding one>" | {"results_csv": "<csv>", ...},  # the sweep
-      "stage_seconds": {stage: seconds},
+      "stage_seconds": {stage: seconds},  # default: each stage output's own "seconds"
       "total_seconds": float,          # default: sum of stage_seconds
     }
 
@@ -82,12 +83,12 @@ def read_history(path: str | Path) -> list[dict[str, float]]:
         if not cands:
             raise FileNotFoundError(f"no history.jsonl under {p}")
         p = cands[0]
+    return _history_rows([json.loads(line) for line in p.read_text().splitlines() if line.strip()])
+
+
+def _history_rows(records: list[dict]) -> list[dict[str, float]]:
     rows = []
-    for n, line in enumerate(p.read_text().splitlines()):
-        line = line.strip()
-        if not line:
-            continue
-        rec = json.loads(line)
+    for n, rec in enumerate(records):
         if isinstance(rec.get("metrics"), dict):
             rec = {**{k: v for k, v in rec.items() if k != "metrics"}, **rec["metrics"]}
         step = next((rec[k] for k in ("step", "global_step", "training_iteration") if _is_num(rec.get(k))), n + 1)
@@ -97,14 +98,53 @@ def read_history(path: str | Path) -> list[dict[str, float]]:
     return rows
 
 
+def _history_sources(results: dict[str, Any]) -> dict[str, Any]:
+    """method -> history: results["train_histories"] (paths), else results["train"] (train_stage outputs: their
+    "history" list, else the history.jsonl next to their adapter_dir / in their out_dir)."""
+    if results.get("train_histories"):
+        return dict(results["train_histories"])
+    out: dict[str, Any] = {}
+    for name, tr in (results.get("train") or {}).items():
+        if isinstance(tr, (str, os.PathLike)):
+            out[name] = tr
+        elif isinstance(tr, dict):
+            if isinstance(tr.get("history"), list):
+                out[name] = tr["history"]
+            elif tr.get("out_dir"):
+                out[name] = tr["out_dir"]
+            elif tr.get("adapter_dir"):
+                out[name] = str(Path(tr["adapter_dir"]).parent)
+    return out
+
+
+def _stage_seconds(results: dict[str, Any]) -> dict[str, float]:
+    """Fallback when no stage_seconds is given: each stage output's own "seconds" (train: one per method)."""
+    out = {}
+    for stage, val in results.items():
+        if not isinstance(val, dict):
+            continue
+        if _is_num(val.get("seconds")):
+            out[stage] = _num(val["seconds"])
+        elif stage == "train":
+            for m, tr in val.items():
+                if isinstance(tr, dict) and _is_num(tr.get("seconds")):
+                    out[f"train/{m}"] = _num(tr["seconds"])
+    return out
+
+
 def find_tune_csv(tune: Any) -> Optional[Path]:
+    """A CSV path, a dir holding one, or the tune stage's output dict (a "results_csv"/"csv"/"table" entry, else
+    any value that is a .csv path, else its "out_dir")."""
     if tune is None:
         return None
     if isinstance(tune, dict):
         for k in ("results_csv", "csv", "table", "path"):
             if tune.get(k):
                 return find_tune_csv(tune[k])
-        return None
+        for v in tune.values():
+            if isinstance(v, str) and v.endswith(".csv") and Path(v).is_file():
+                return Path(v)
+        return find_tune_csv(tune["out_dir"]) if tune.get("out_dir") else None
     p = Path(tune)
     if p.is_file():
         return p
@@ -351,9 +391,9 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
     plots["pref_vs_capability"] = "plots/pref_vs_capability.png"
 
     histories, training = {}, {}
-    for name, path in (results.get("train_histories") or {}).items():
+    for name, src in _history_sources(results).items():
         try:
-            histories[name] = read_history(path)
+            histories[name] = read_history(src) if not isinstance(src, list) else _history_rows(src)
             training[name] = {k: v for k, v in _final(histories[name]).items()
                               if k in CURVE_KEYS or k in ("step", "rewards/chosen", "rewards/rejected")}
         except (OSError, ValueError) as err:
@@ -387,7 +427,7 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
             front_rows = [rows[i] for i in info["front"]]
             tune_info = {"csv": str(csv_path), **info, "front_trials": front_rows}
 
-    stage_seconds = {k: float(v) for k, v in (results.get("stage_seconds") or {}).items()}
+    stage_seconds = {k: float(v) for k, v in (results.get("stage_seconds") or _stage_seconds(results)).items()}
     total = results.get("total_seconds")
     total = float(total) if total is not None else sum(stage_seconds.values())
 
@@ -424,7 +464,8 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
         md += ["## Training (last reported values)", "", "| method | " + " | ".join(keys) + " |",
                "|---|" + "---|" * len(keys)]
         for name, t in training.items():
-            md.append(f"| {name} | " + " | ".join(_fmt(t.get(k)) for k in keys) + " |")
+            md.append(f"| {name} | " + " | ".join(
+                str(int(t[k])) if k == "step" and _is_num(t.get(k)) else _fmt(t.get(k)) for k in keys) + " |")
         md.append("")
     if tune_info:
         md += ["## Tune sweep", "", f"{tune_info['n_trials']} trials from `{tune_info['csv']}`. Plotted: "

@@ -359,11 +359,10 @@ def train_loop_per_worker(config: dict) -> None:
         nonlocal eval_rows
         if n_eval == 0:
             return {}
-        if eval_rows is None:
-            rows = []
-            for b in ray.train.get_dataset_shard("eval").iter_batches(batch_size=256, batch_format="numpy"):
-                rows.extend(_rows_from_numpy(b))
-            eval_rows = rows
+        if eval_rows is None:  # every rank gets the whole (small) eval split and takes rows rank::world
+            import pyarrow as pa
+
+            eval_rows = pa.concat_tables(ray.get(list(config["eval_refs"]))).to_pylist()
         mine = eval_rows[rank::world]
         n_batches = math.ceil(math.ceil(len(eval_rows) / world) / mb)
         sums: dict[str, float] = {}
@@ -493,7 +492,7 @@ def build_trainer(cfg: Config, data_dir: str, storage_path: str, name: str, call
     (trainer, info) with info = {n_train, n_eval, total_steps, micro_batches_per_epoch, run_path, fail_marker}."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from qcore.base_models import resolve_model_path
@@ -506,18 +505,20 @@ def build_trainer(cfg: Config, data_dir: str, storage_path: str, name: str, call
         raise FileNotFoundError(f"no training data: {train_path} (run pipelines/preprocess.py first)")
     datasets = {"train": ray.data.read_parquet(train_path)}
     n_train = datasets["train"].count()
-    n_eval = 0
+    n_eval, eval_refs = 0, []
     if _exists(eval_path):
-        # small and read by every rank in full: materialized once here, so workers read blocks, not files
-        datasets["eval"] = ray.data.read_parquet(eval_path).materialize()
-        n_eval = datasets["eval"].count()
+        # small, and read by every rank in full: materialized once here; workers fetch its Arrow blocks from the
+        # object store (no Ray Data execution per rank and per evaluation)
+        eval_ds = ray.data.read_parquet(eval_path).materialize()
+        n_eval = eval_ds.count()
+        eval_refs = eval_ds.to_arrow_refs()
     plan = plan_steps(cfg, n_train, tc.num_workers)
     model_dir = resolve_model_path(cfg.model.path)  # resolve (build/convert) once, on the driver
     run_path = f"{storage_path.rstrip('/')}/{name}"
     config = {
         "cfg": cfg.to_dict(), "model_dir": model_dir, "pad_token_id": _pad_token_id(model_dir),
         "n_train": n_train, "n_eval": n_eval, "ds_overrides": ds_overrides or {},
-        "fail_marker": f"{run_path}/{FAIL_MARKER}",
+        "fail_marker": f"{run_path}/{FAIL_MARKER}", "eval_refs": eval_refs,
     }
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
@@ -534,8 +535,6 @@ def build_trainer(cfg: Config, data_dir: str, storage_path: str, name: str, call
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
         datasets=datasets,
-        # eval is not split: each rank takes rows rank::world itself (equal forward counts, exact weights)
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     info = {"n_train": n_train, "n_eval": n_eval, **plan, "run_path": run_path, "fail_marker": config["fail_marker"]}
     return trainer, info

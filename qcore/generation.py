@@ -57,7 +57,9 @@ def next_token(custom_logits: torch.Tensor, do_sample: bool, temperature: float 
 def _eos_set(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         gen_cfg = getattr(model.peft_model.get_base_model(), "generation_config", None)
-        eos_token_id = getattr(gen_cfg, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
     if eos_token_id is None:
         return []
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)

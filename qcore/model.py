@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
 from qcore.config import AdapterConfig, QConfig
 
@@ -52,13 +53,14 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class QAdapterOutput:
-    """What ``QAdapterModel.forward`` returns. ``base_logprobs`` and ``custom_logits`` are computed on first use."""
+class QAdapterOutput(ModelOutput):
+    """What ``QAdapterModel.forward`` returns. ``base_logprobs`` and ``custom_logits`` are computed on first use.
+    A ModelOutput (a dict) so that DeepSpeed ZeRO-3 finds the tensors in it (it warns on unknown output types)."""
 
-    q_logits: torch.Tensor  # [B, L, V], adapter on, with grad
-    base_logits: Optional[torch.Tensor]  # [B, L, V], adapter off, no grad; None when need_base=False
-    alpha_0: float
-    alpha_tilde: float
+    q_logits: Optional[torch.Tensor] = None  # [B, L, V], adapter on, with grad
+    base_logits: Optional[torch.Tensor] = None  # [B, L, V], adapter off, no grad; None when need_base=False
+    alpha_0: Optional[float] = None  # the dial this output was made with (ModelOutput: non-first fields default None)
+    alpha_tilde: Optional[float] = None
 
     @cached_property
     def base_logprobs(self) -> torch.Tensor:

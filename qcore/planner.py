@@ -486,6 +486,9 @@ def plan_inputs(cfg, *, shape: Optional[ModelShape] = None, num_gpus: Optional[i
         attn_implementation=cfg.model.attn_implementation, objective=cfg.train.objective,
         chunk_size=cfg.q.chunk_size, label=label,
     )
+    bucket = getattr(cfg.train, "reduce_bucket_size", None)  # honoured if the Config grows the key
+    if bucket:
+        kwargs["reduce_bucket_size"] = int(bucket)
     kwargs.update(overrides)
     return PlanInputs(**kwargs)
 

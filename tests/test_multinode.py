@@ -74,7 +74,7 @@ class Cluster:
         self._start("head", ["--head", "--port", self.gcs_port, "--dashboard-port", self.dash_port,
                              "--dashboard-host", "127.0.0.1", "--ray-client-server-port", self.client_port,
                              "--temp-dir", self.tmp, "--include-dashboard", "true", *_node_ports()])
-        self._wait(lambda: self.cli("job", "list").returncode == 0, 180, "the head's job server")
+        self._wait(lambda: self.alive_nodes() == 1, 240, "the head node")
         self._start("worker", ["--address", f"127.0.0.1:{self.gcs_port}", *_node_ports()])
         self._wait(lambda: self.alive_nodes() == 2, 180, "2 alive nodes")
 
@@ -104,10 +104,14 @@ class Cluster:
         return {f.name: f.read_text()[-2000:] for f in Path(self.tmp).glob("*.log")}
 
     def submit(self, *entry_args, timeout=900):
-        job_id = f"qadapter-{uuid.uuid4().hex[:8]}"
         t0 = time.time()
-        out = self.cli("job", "submit", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
-                       "python", "pipelines/full.py", *entry_args, timeout=timeout)
+        for _ in range(30):  # the head's job agent registers a while after the node is up
+            job_id = f"qadapter-{uuid.uuid4().hex[:8]}"
+            out = self.cli("job", "submit", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
+                           "python", "pipelines/full.py", *entry_args, timeout=timeout)
+            if "No available agent to submit job" not in out.stderr + out.stdout:
+                break
+            time.sleep(5)
         wall = time.time() - t0
         status = self.cli("job", "status", job_id)
         return job_id, out, status, wall

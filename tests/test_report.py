@@ -103,3 +103,19 @@ def test_helpers(tmp_path):
     h = tmp_path / "history.jsonl"
     h.write_text('{"metrics": {"loss": 2.0}, "training_iteration": 5}\n{"loss": 1.0, "note": "x"}\n')
     assert read_history(h) == [{"loss": 2.0, "training_iteration": 5.0, "step": 5.0}, {"loss": 1.0, "step": 2.0}]
+
+
+def test_report_from_stage_outputs(tmp_path, inputs):
+    """full.py's form: train_stage outputs (a "history" list, "seconds") and tune's output dict."""
+    cfg = load_config(None, {"run": {"name": "t"}})
+    train = {m: {"adapter_dir": str(tmp_path / m / "adapter"), "seconds": 5.0,
+                 "history": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5, "eval_loss": 0.6}]}
+             for m in ("qadapter", "dpo")}
+    tune = {"best_overrides": {"train.lr": 3e-4}, "results_csv": inputs["tune"] + "/tune_results.csv", "seconds": 9.0}
+    rep = report_stage(cfg, {"evaluate": inputs["evaluate"], "train": train, "tune": tune,
+                             "preprocess": {"seconds": 1.0}}, str(tmp_path / "out"))
+    assert rep["training"]["dpo"] == {"step": 2.0, "loss": 0.5, "eval_loss": 0.6}
+    assert rep["plots"]["training_curves"] and rep["plots"]["tune_pareto"]
+    assert rep["stage_seconds"] == {"train/qadapter": 5.0, "train/dpo": 5.0, "tune": 9.0, "preprocess": 1.0}
+    assert rep["total_seconds"] == 20.0
+    assert "| qadapter | 2 | 0.500 |" in (tmp_path / "out" / "report.md").read_text()

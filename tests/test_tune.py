@@ -1,0 +1,76 @@
+"""The tune stage on real Ray Tune over Ray Train (V2) + DeepSpeed on CPU: a 2-trial sweep of the tiny model."""
+import csv
+import glob
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _pref_parquet(out_dir: Path, model_dir: str, n_train: int = 16, n_eval: int = 4) -> str:
+    """Tokenized pair rows (as preprocess writes them) of a tiny synthetic preference, as Parquet train/ + eval/."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from qcore.data import tokenize_pair
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [tokenize_pair({"prompt": f"What is {i} + {i}?", "chosen": f"Yes. {2 * i}.", "rejected": "No. Maybe."},
+                          tok, max_length=48, max_prompt_length=24) for i in range(n_train + n_eval)]
+    for split, part in (("train", rows[:n_train]), ("eval", rows[n_train:])):
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(part).to_parquet(out_dir / split / "part-0.parquet")
+    return str(out_dir)
+
+
+@pytest.mark.timeout(300)
+def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path):
+    from pipelines.tune import tune_stage
+    from qcore.config import config_from_dict
+
+    data = _pref_parquet(tmp_path / "data", tiny_model_dir)
+    cfg = config_from_dict({
+        "model": {"path": "tiny"},
+        "adapter": {"rank": 4, "lora_alpha": 8, "dropout": 0.0},
+        "q": {"chunk_size": 32},
+        "train": {"cpus_per_worker": 1.0, "zero_stage": 3, "micro_batch_size": 2, "max_steps": 2, "report_every": 1,
+                  "checkpoint_every": 2, "schedule": "constant", "warmup_ratio": 0.0, "lr": 1e-3},
+        "tune": {"num_samples": 2, "num_workers": 1, "max_steps": 2, "scheduler": "asha", "grace_period": 2,
+                 "space": {"adapter.rank": {"type": "choice", "values": [2, 4]},
+                           "q.alpha_0": {"type": "loguniform", "low": 0.001, "high": 0.1}}},
+        "run": {"name": "t", "seed": 0},
+    })
+    t0 = time.time()
+    out = tune_stage(cfg, data, str(tmp_path / "tune"))
+    print(f"\n[wall] 2-trial tune_stage (1 worker/trial, 2 steps each, {out['max_concurrent_trials']} at a time): "
+          f"{time.time() - t0:.1f}s")
+
+    assert out["num_trials"] == 2 and out["max_concurrent_trials"] == 2  # 4 logical CPUs: (4 - 1) // 1, capped at 2
+    with open(out["results_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row in rows:
+        assert row["status"] == "COMPLETED" and int(float(row["step"])) == 2 and int(float(row["reports"])) == 2
+        assert int(float(row["adapter.rank"])) in (2, 4) and 0.001 <= float(row["q.alpha_0"]) <= 0.1
+        assert float(row["eval_loss"]) > 0
+    assert len({row["q.alpha_0"] for row in rows}) == 2  # two different samples
+    md = Path(out["results_md"]).read_text().splitlines()
+    assert "adapter.rank" in md[2] and "q.alpha_0" in md[2]
+    assert sum(1 for line in md if line.startswith("| ") and "COMPLETED" in line) == 2
+
+    # the best trial: lowest eval_loss, and its overrides in the written config
+    best_row = min(rows, key=lambda r: float(r["eval_loss"]))
+    assert out["best_overrides"]["adapter.rank"] == int(float(best_row["adapter.rank"]))
+    assert out["best_metrics"]["eval_loss"] == pytest.approx(float(best_row["eval_loss"]))
+    best = yaml.safe_load(Path(out["best_config_yaml"]).read_text())
+    assert best["adapter"]["rank"] == out["best_overrides"]["adapter.rank"]
+    assert best["q"]["alpha_0"] == pytest.approx(out["best_overrides"]["q.alpha_0"])
+    assert best["train"]["max_steps"] == 2 and best["tune"]["num_samples"] == 2  # the user's config + overrides
+
+    # TensorBoard event files (one per trial) under the storage path
+    events = glob.glob(f"{out['logdir']}/**/events.out.tfevents*", recursive=True)
+    assert len(events) >= 2 and all(Path(e).stat().st_size > 0 for e in events)
+    assert sorted(out["tensorboard_files"]) == sorted(events)
