@@ -21,9 +21,11 @@ Per policy, from the rows (qcore.metrics):
   (ties 0.5, so the base itself is 0.5); probe_accuracy; kl_to_base: mean per-token KL over all generated
   tokens of all held-out answers (the base: 0 by construction).
 
+Inputs: ``cfg.eval.max_prompts`` caps both the held-out prompts and the probe questions (the first N of each).
 Outputs in ``out_dir``: results.json ({"methods": {name: metrics}, "dial": [...], ...}) and generations.jsonl
-(every row, for inspection). Cost: (1 + #adapters + #dial) x (min(max_prompts, #prompts) + #probe) greedy
-generations of at most max_new_tokens tokens, each token two forward passes.
+(every row, for inspection). Cost: (1 + #adapters + #distinct dial settings) x (min(max_prompts, #prompts) +
+min(max_prompts, #probe)) greedy generations of at most max_new_tokens tokens (probe answers: at most
+PROBE_MAX_NEW_TOKENS), each token two forward passes (adapter on / off), plus one scoring forward per held-out batch.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ METRIC_KEYS = ("pref_score", "win_rate", "probe_accuracy", "kl_to_base")
 OBJECTIVES = ("qadapter", "dpo", "sft", "replay")
 PROMPTS_NAME = "heldout_prompts.jsonl"
 PROBE_NAME = "probe.jsonl"
+PROBE_MAX_NEW_TOKENS = 32  # probe answers are short; min(this, eval.max_new_tokens) new tokens per probe answer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,11 +70,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def _find(explicit: Optional[str], key: str, data_dir: Optional[str], names: list[str]) -> Path:
-    if explicit:
-        p = Path(explicit)
-        if not p.exists():
-            raise FileNotFoundError(f"config key '{key}' = {explicit!r}: file not found")
-        return p
+    if explicit:  # absolute, or relative to the working directory, else to the repository root
+        for p in (Path(explicit), Path(_ROOT) / explicit):
+            if p.exists():
+                return p.resolve()
+        raise FileNotFoundError(f"config key '{key}' = {explicit!r}: file not found")
     tried = []
     for base in [data_dir, os.path.join(_ROOT, "data")] if data_dir else [os.path.join(_ROOT, "data")]:
         for name in names:
@@ -278,7 +281,8 @@ class PolicyEvaluator:
                 mask[i, width - len(s):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def generate_and_kl(self, prompts: list[Any], alpha_0: float, alpha_tilde: float, want_kl: bool):
+    def generate_and_kl(self, prompts: list[Any], alpha_0: float, alpha_tilde: float, want_kl: bool,
+                        max_new_tokens: Optional[int] = None):
         """Greedy answers from the policy, and per row (sum of per-token KL(policy || base), #tokens)."""
         import torch
 
@@ -287,7 +291,8 @@ class PolicyEvaluator:
         ids, mask = self._encode_left(prompts)
         p = ids.shape[1]
         with torch.no_grad():
-            out = self.model.generate(ids, mask, max_new_tokens=self.max_new_tokens, do_sample=False,
+            out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                      do_sample=False,
                                       alpha_0=alpha_0, alpha_tilde=alpha_tilde, eos_token_id=self.eos_ids,
                                       pad_token_id=self.tokenizer.pad_token_id)
         new = out[:, p:].cpu()
@@ -327,7 +332,10 @@ class PolicyEvaluator:
             a0, at = float(first["alpha_0"]), float(first["alpha_tilde"])
             prompts = [json.loads(x) for x in group["prompt_json"]]
             t0 = time.perf_counter()
-            texts, kl_sums, counts = self.generate_and_kl(prompts, a0, at, want_kl=(kind == "heldout"))
+            heldout = kind == "heldout"
+            texts, kl_sums, counts = self.generate_and_kl(
+                prompts, a0, at, want_kl=heldout,
+                max_new_tokens=self.max_new_tokens if heldout else min(self.max_new_tokens, PROBE_MAX_NEW_TOKENS))
             dt = (time.perf_counter() - t0) / max(1, len(prompts))
             for (_, row), text, kls, cnt, prompt in zip(group.iterrows(), texts, kl_sums, counts, prompts):
                 rec = {k: row[k] for k in ("policy_id", "kind", "idx", "gold")}
@@ -504,6 +512,7 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
         "prompts_file": str(prompts_path),
         "probe_file": str(probe_path),
         "max_new_tokens": cfg.eval.max_new_tokens,
+        "probe_max_new_tokens": min(cfg.eval.max_new_tokens, PROBE_MAX_NEW_TOKENS),
         "num_actors": num_actors,
         "batch_size": batch_size,
         "generation_seconds": gen_seconds,

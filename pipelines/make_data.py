@@ -227,21 +227,22 @@ class SampleGenerator:
 
 def run_inference(cfg: Config, rows: list[dict], *, num_samples: int, max_new_tokens: int, do_sample: bool,
                   temperature: float = 0.9, top_p: float = 0.95, seed: int = 0, prompts_per_batch: int = 8,
-                  num_threads: int = 0, use_gpu: bool = False) -> list[dict]:
-    """Prompt rows ({"id", "prompt", ...}) -> sample rows, through Ray Data with one ``SampleGenerator`` actor."""
+                  num_threads: int = 0, use_gpu: bool = False, actors: int = 1) -> list[dict]:
+    """Prompt rows ({"id", "prompt", ...}) -> sample rows, through Ray Data with ``actors`` ``SampleGenerator``
+    actors (each batch is seeded from its prompt ids, so the result does not depend on which actor ran it)."""
     import ray
 
     from pipelines.common import init_ray
 
     init_ray(cfg)
-    threads = num_threads or max(1, os.cpu_count() or 1)
+    threads = num_threads or max(1, (os.cpu_count() or 1) // max(1, actors))
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(
         SampleGenerator,
         fn_constructor_kwargs=dict(model_path=cfg.model.path, dtype=cfg.model.dtype, num_samples=num_samples,
                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                    top_p=top_p, seed=seed, num_threads=threads, use_gpu=use_gpu),
-        batch_size=prompts_per_batch, batch_format="pandas", concurrency=1, num_cpus=1,
+        batch_size=prompts_per_batch, batch_format="pandas", concurrency=max(1, actors), num_cpus=1,
         num_gpus=1 if use_gpu else 0,
     )
     out = ds.take_all()
@@ -398,7 +399,8 @@ def build_pairs(out: Path, samples: list[dict], *, margin: float, max_pairs_per_
 
 def generate(cfg: Config, out: Path, *, num_prompts: int, samples: int, max_new_tokens: int, temperature: float,
              top_p: float, margin: float, max_pairs_per_prompt: int, cut_words: int, seed: int,
-             prompts_per_batch: int, num_threads: int, use_gpu: bool, chunk_prompts: int = 80) -> dict:
+             prompts_per_batch: int, num_threads: int, use_gpu: bool, chunk_prompts: int = 80,
+             actors: int = 1) -> dict:
     train, heldout = split_prompts(num_prompts, seed=seed)
     write_jsonl(out / "heldout_prompts.jsonl", [{k: r[k] for k in ("prompt", "topic", "category", "style")}
                                                 for r in heldout])
@@ -424,7 +426,7 @@ def generate(cfg: Config, out: Path, *, num_prompts: int, samples: int, max_new_
             chunk = run_inference(cfg, train[start:start + chunk_prompts], num_samples=samples,
                                   max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                   top_p=top_p, seed=seed, prompts_per_batch=prompts_per_batch,
-                                  num_threads=num_threads, use_gpu=use_gpu)
+                                  num_threads=num_threads, use_gpu=use_gpu, actors=actors)
             dt = time.perf_counter() - t0
             wall += dt
             for r in chunk:
@@ -437,7 +439,7 @@ def generate(cfg: Config, out: Path, *, num_prompts: int, samples: int, max_new_
         "model": cfg.model.path, "seed": seed, "num_train_prompts": len(train), "num_heldout_prompts": len(heldout),
         "heldout_topics": sorted({r["topic"] for r in heldout}),
         "samples_per_prompt": samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
-        "top_p": top_p, "prompts_per_batch": prompts_per_batch, "num_samples": len(rows),
+        "top_p": top_p, "prompts_per_batch": prompts_per_batch, "actors": actors, "num_samples": len(rows),
         "generated_tokens": n_tokens, "generation_wall_s": round(wall, 1), "chunk_prompts": chunk_prompts,
         "tokens_per_s": round(n_tokens / wall, 1) if wall else None,
     }
@@ -449,13 +451,14 @@ def generate(cfg: Config, out: Path, *, num_prompts: int, samples: int, max_new_
 
 
 def probe_check(cfg: Config, probe_path: Path, out: Optional[Path], *, max_new_tokens: int = 64,
-                prompts_per_batch: int = 16, num_threads: int = 0, use_gpu: bool = False) -> dict:
+                prompts_per_batch: int = 16, num_threads: int = 0, use_gpu: bool = False, actors: int = 1) -> dict:
     """Greedy answers of the base model to every probe question -> accuracy under ``oracle.probe_item_correct``."""
     items = read_jsonl(probe_path)
     rows = [{"id": i, "prompt": it["question"]} for i, it in enumerate(items)]
     t0 = time.perf_counter()
     answers = run_inference(cfg, rows, num_samples=1, max_new_tokens=max_new_tokens, do_sample=False,
-                            prompts_per_batch=prompts_per_batch, num_threads=num_threads, use_gpu=use_gpu)
+                            prompts_per_batch=prompts_per_batch, num_threads=num_threads, use_gpu=use_gpu,
+                            actors=actors)
     wall = time.perf_counter() - t0
     results = []
     for it, ans in zip(items, answers):
@@ -491,7 +494,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="rebuild candidates and pairs from an existing samples.jsonl (no model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts-per-batch", type=int, default=16)
-    parser.add_argument("--num-threads", type=int, default=0, help="torch threads in the actor (0: all cores)")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="torch threads per actor (0: the cores divided among the actors)")
+    parser.add_argument("--actors", type=int, default=1, help="SampleGenerator actors (model copies)")
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--prompts-only", action="store_true", help="write the prompt files only (no model)")
     parser.add_argument("--probe-check", action="store_true", help="measure the base model's probe accuracy")
@@ -517,14 +522,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         _update_stats(out, "pairs", stats)
     elif args.probe_check:
         stats = probe_check(cfg, Path(args.probe), out, max_new_tokens=args.max_new_tokens,
-                            num_threads=args.num_threads, use_gpu=args.use_gpu)
+                            num_threads=args.num_threads, use_gpu=args.use_gpu, actors=args.actors)
     else:
         stats = generate(cfg, out, num_prompts=args.num_prompts, samples=args.samples,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          margin=args.margin, max_pairs_per_prompt=args.max_pairs_per_prompt,
                          cut_words=args.cut_words, seed=args.seed,
                          prompts_per_batch=args.prompts_per_batch, num_threads=args.num_threads,
-                         use_gpu=args.use_gpu)
+                         use_gpu=args.use_gpu, actors=args.actors)
     print(json.dumps(stats, indent=1))
 
 

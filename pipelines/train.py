@@ -433,6 +433,13 @@ def train_loop_per_worker(config: dict) -> None:
         })
         if resume_diff is not None:
             metrics["resume_adapter_max_abs_diff"] = resume_diff
+        if with_checkpoint and tc.checkpoint_metric not in metrics:
+            last = next((h[tc.checkpoint_metric] for h in reversed(state["history"]) if tc.checkpoint_metric in h),
+                        None)
+            if last is None:
+                raise ValueError(f"train.checkpoint_metric {tc.checkpoint_metric!r} is not among the reported "
+                                 f"metrics: {sorted(metrics)}")
+            metrics[tc.checkpoint_metric] = last
         state["step"] = step
         if rank == 0:
             shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()
@@ -486,30 +493,41 @@ def _pad_token_id(model_dir: str) -> int:
     return int(pad)
 
 
-def build_trainer(cfg: Config, data_dir: str, storage_path: str, name: str, callbacks: Optional[list] = None,
-                  ds_overrides: Optional[dict] = None):
-    """A TorchTrainer for ``cfg`` on the Parquet ``<data_dir>/train`` (and ``eval`` if present). Returns
-    (trainer, info) with info = {n_train, n_eval, total_steps, micro_batches_per_epoch, run_path, fail_marker}."""
-    import ray
+def load_datasets(data_dir: str, materialize_train: bool = False) -> dict:
+    """``{"train": Dataset, "eval": materialized Dataset (if <data_dir>/eval exists)}`` via ray.data.read_parquet.
+
+    The eval split is small and read by every rank in full, so it is always materialized once (workers fetch its
+    Arrow blocks). The train split streams unless ``materialize_train`` (Tune: read once, shared by every trial)."""
     import ray.data
+
+    data_dir = str(data_dir).rstrip("/")
+    if not _exists(f"{data_dir}/train"):
+        raise FileNotFoundError(f"no training data: {data_dir}/train (run pipelines/preprocess.py first)")
+    out = {"train": ray.data.read_parquet(f"{data_dir}/train")}
+    if materialize_train:
+        out["train"] = out["train"].materialize()
+    if _exists(f"{data_dir}/eval"):
+        out["eval"] = ray.data.read_parquet(f"{data_dir}/eval").materialize()
+    return out
+
+
+def build_trainer(cfg: Config, data_dir: Optional[str], storage_path: str, name: str,
+                  callbacks: Optional[list] = None, ds_overrides: Optional[dict] = None,
+                  datasets: Optional[dict] = None):
+    """A TorchTrainer for ``cfg`` on the Parquet ``<data_dir>/train`` (and ``eval`` if present), or on
+    ``datasets`` as returned by :func:`load_datasets`. Returns (trainer, info) with info = {n_train, n_eval,
+    total_steps, micro_batches_per_epoch, rows_per_rank, run_path, fail_marker}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from qcore.base_models import resolve_model_path
 
     tc = cfg.train
-    data_dir = str(data_dir)
-    train_path = f"{data_dir.rstrip('/')}/train"
-    eval_path = f"{data_dir.rstrip('/')}/eval"
-    if not _exists(train_path):
-        raise FileNotFoundError(f"no training data: {train_path} (run pipelines/preprocess.py first)")
-    datasets = {"train": ray.data.read_parquet(train_path)}
+    datasets = dict(datasets) if datasets is not None else load_datasets(data_dir)
     n_train = datasets["train"].count()
     n_eval, eval_refs = 0, []
-    if _exists(eval_path):
-        # small, and read by every rank in full: materialized once here; workers fetch its Arrow blocks from the
-        # object store (no Ray Data execution per rank and per evaluation)
-        eval_ds = ray.data.read_parquet(eval_path).materialize()
+    eval_ds = datasets.pop("eval", None)
+    if eval_ds is not None:
         n_eval = eval_ds.count()
         eval_refs = eval_ds.to_arrow_refs()
     plan = plan_steps(cfg, n_train, tc.num_workers)

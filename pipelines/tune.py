@@ -112,8 +112,8 @@ def _py(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
 
 
-def _make_trainable(base: dict, data_dir: str, storage: str):
-    def qadapter_trial(config: dict) -> None:
+def _make_trainable(base: dict, storage: str):
+    def qadapter_trial(config: dict, datasets: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -121,8 +121,8 @@ def _make_trainable(base: dict, data_dir: str, storage: str):
 
         cfg = apply_overrides(config_from_dict(base), {k: _py(v) for k, v in config.items()})
         trial_id = tune.get_context().get_trial_id()
-        trainer, _ = build_trainer(cfg, data_dir, storage_path=storage, name=f"train-{trial_id}",
-                                   callbacks=[TuneReportCallback()])
+        trainer, _ = build_trainer(cfg, None, storage_path=storage, name=f"train-{trial_id}",
+                                   callbacks=[TuneReportCallback()], datasets=datasets)
         trainer.fit()
 
     return qadapter_trial
@@ -152,7 +152,7 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from pipelines.train import _storage
+    from pipelines.train import _storage, load_datasets
 
     t0 = time.time()
     init_ray(cfg)
@@ -164,7 +164,8 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
         os.makedirs(out_dir, exist_ok=True)
     trial_cfg = trial_config(cfg)
     space = build_space(tc.space)
-    n_train = ray.data.read_parquet(f"{str(data_dir).rstrip('/')}/train").count()
+    datasets = load_datasets(str(data_dir), materialize_train=True)  # read once, shared by every trial
+    n_train = datasets["train"].count()
     max_t = reports_per_trial(trial_cfg, n_train)
     n_grid = math.prod(len(s["values"]) for s in tc.space.values() if s.get("type") == "grid")
     num_trials = tc.num_samples * n_grid
@@ -176,8 +177,9 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
         scheduler = FIFOScheduler()
     name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     logdir = f"{out_dir}/{name}"
-    trainable = tune.with_resources(_make_trainable(trial_cfg.to_dict(), str(data_dir), f"{logdir}/train_runs"),
-                                    {"CPU": 0.01})
+    trainable = tune.with_resources(
+        tune.with_parameters(_make_trainable(trial_cfg.to_dict(), f"{logdir}/train_runs"), datasets=datasets),
+        {"CPU": 0.01})
     print(f"[tune] {num_trials} trials over {sorted(tc.space)}; {tc.scheduler} on {tc.metric} ({tc.mode}), "
           f"{max_t} reports per trial, {concurrency} at a time -> {logdir}", flush=True)
     tuner = tune.Tuner(

@@ -75,6 +75,7 @@ class TrainConfig:
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
+    gpu_memory_gib: Optional[float] = None  # per GPU, for the memory planner (the driver may run on a GPU-less head)
     lr: float = 3e-4
     weight_decay: float = 0.0
     schedule: str = "linear"  # linear | cosine | constant

@@ -72,14 +72,14 @@ def _run(model, input_ids, attention_mask, position_ids, cache=None, adapter_on=
         kwargs[model.cache_kwarg] = cache
     if model.supports_logits_to_keep:
         kwargs["logits_to_keep"] = 1
-    ctx = model.adapter_disabled() if not adapter_on else contextlib.nullcontext()
+    ctx = model.adapter_disabled_fast() if not adapter_on else contextlib.nullcontext()
     with ctx:
         out = model.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     return out.logits[:, -1].float()
 
 
 def _decode_loop(model, input_ids, attention_mask, step_fn, max_new_tokens, do_sample, temperature, top_k, top_p,
-                 alpha_0, alpha_tilde, eos_token_id, pad_token_id, generator):
+                 alpha_0, alpha_tilde, eos_token_id, pad_token_id, generator, stop_when_finished=True):
     """Shared by the cached and the reference path: step_fn(ids, mask, t) -> (q_last, base_last) float32 [B, V]."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -101,7 +101,7 @@ def _decode_loop(model, input_ids, attention_mask, step_fn, max_new_tokens, do_s
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if len(eos):
                 finished |= torch.isin(tok, eos_t)
-                if bool(finished.all()):
+                if stop_when_finished and bool(finished.all()):
                     break
     return ids
 
@@ -110,10 +110,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              alpha_0: Optional[float] = None, alpha_tilde: Optional[float] = None,
              eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+             generator: Optional[torch.Generator] = None, stop_when_finished: bool = True) -> torch.LongTensor:
     """Batched generation from pi_custom with two KV caches. input_ids: [B, P] LEFT padded (attention_mask 0 on
     pads). Returns [B, P + n] (prompt + new tokens, n <= max_new_tokens; stops early when every row hit EOS),
-    like HF generate. alpha_0 / alpha_tilde None = the model's QConfig (the dial)."""
+    like HF generate. alpha_0 / alpha_tilde None = the model's QConfig (the dial). stop_when_finished=False always
+    runs max_new_tokens steps (finished rows emit pad): every rank then does the same number of forwards, which
+    ZeRO-3 sharded models need (each forward gathers parameters collectively)."""
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs LEFT padded prompts: some row's last attention_mask entry is 0")
     caches = {"q": new_cache(model.config), "base": new_cache(model.config)}
@@ -127,7 +129,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         return q, base
 
     return _decode_loop(model, input_ids, attention_mask, step, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        alpha_0, alpha_tilde, eos_token_id, pad_token_id, generator)
+                        alpha_0, alpha_tilde, eos_token_id, pad_token_id, generator, stop_when_finished)
 
 
 def generate_reference(model, input_ids, attention_mask=None, max_new_tokens: int = 64, do_sample: bool = False,

@@ -85,6 +85,7 @@ class QAdapterModel(torch.nn.Module):
         # transformers >= 5.2x renamed past_key_values -> cache (the old name is deprecated); support both.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.supports_logits_to_keep = "logits_to_keep" in params
+        self._tuner_layer_cache = None  # LoRA layers, for adapter_disabled_fast
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -119,12 +120,15 @@ class QAdapterModel(torch.nn.Module):
         if adapter_path is None:
             return cls.from_model(hf_model, adapter_cfg, q_cfg)
 
-        meta = read_qadapter_json(adapter_path)
+        saved_q, saved_adapter = read_qadapter_json(adapter_path)
         peft_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=is_trainable)
-        lcfg = peft_model.peft_config["default"]
-        saved_adapter = AdapterConfig(rank=lcfg.r, lora_alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout,
-                                      target_modules=sorted(lcfg.target_modules))
-        return cls(peft_model, saved_adapter, q_cfg or meta)
+        lcfg = peft_model.peft_config["default"]  # the truth for the weights; qadapter.json keeps the list's order
+        targets = list(saved_adapter.target_modules) if saved_adapter else []
+        if set(targets) != set(lcfg.target_modules):
+            targets = sorted(lcfg.target_modules)
+        adapter = AdapterConfig(rank=lcfg.r, lora_alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout,
+                                target_modules=targets)
+        return cls(peft_model, adapter, q_cfg or saved_q)
 
     # ------------------------------------------------------------------ the two passes
     @contextlib.contextmanager
@@ -138,6 +142,32 @@ class QAdapterModel(torch.nn.Module):
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def adapter_disabled_fast(self):
+        """The same forward as adapter_disabled(), for the decode loop (two toggles per generated token): flips the
+        disable flag of the cached LoRA layers only. peft's disable_adapter() walks every module (get_model_status)
+        and toggles requires_grad on each call, which costs as much as a decode step of a small model."""
+        layers = self._tuner_layers()
+        if not all(hasattr(layer, "_disable_adapters") for layer in layers):  # an unknown peft: the documented path
+            with self.adapter_disabled():
+                yield
+            return
+        old = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, flag in zip(layers, old):
+                layer._disable_adapters = flag
+
+    def _tuner_layers(self) -> list:
+        if self._tuner_layer_cache is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layer_cache = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        return self._tuner_layer_cache
 
     @contextlib.contextmanager
     def eval_mode(self):
@@ -171,6 +201,17 @@ class QAdapterModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, need_base: bool = True) -> QAdapterOutput:
         q, base = self.q_and_base_logits(input_ids, attention_mask, need_base=need_base)
         return QAdapterOutput(q, base, self.q_config.alpha_0, self.q_config.alpha_tilde)
+
+    def fused_loss(self, objective: str, batch: dict, dpo_beta: float = 0.1, share_prefix: bool = True,
+                   chunk_tokens: int | None = None):
+        """``compute_loss(objective, *self.q_and_base_logits(ids, mask), batch, self.q_config, dpo_beta)``, the fast
+        way: each pair's shared prompt runs once for chosen and rejected, and the LM head and every
+        full-vocabulary op run only on the scored response positions, chunk by chunk (see ``qcore.fused``).
+        Same loss and metrics up to float rounding, plus ``fused/shared_prefix`` and ``fused/scored_tokens``."""
+        from qcore.fused import fused_loss
+
+        return fused_loss(self, objective, batch, self.q_config, dpo_beta, share_prefix=share_prefix,
+                          chunk_tokens=chunk_tokens)
 
     def customized_logits(self, q_logits, base_logits, alpha_0: float | None = None,
                           alpha_tilde: float | None = None) -> torch.Tensor:
@@ -244,10 +285,11 @@ class QAdapterModel(torch.nn.Module):
         return fixed
 
 
-def read_qadapter_json(adapter_path: str | Path) -> QConfig:
-    """The QConfig saved next to a PEFT adapter. Unknown keys fail loudly (no silent drift)."""
+def read_qadapter_json(adapter_path: str | Path) -> tuple[QConfig, AdapterConfig | None]:
+    """The QConfig (and AdapterConfig) saved next to a PEFT adapter. Unknown keys fail loudly (no silent drift)."""
     path = Path(adapter_path) / QADAPTER_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a Q-Adapter directory (save with QAdapterModel.save_pretrained)")
     meta = json.loads(path.read_text())
-    return QConfig(**meta["q_config"])
+    adapter = AdapterConfig(**meta["adapter_config"]) if "adapter_config" in meta else None
+    return QConfig(**meta["q_config"]), adapter

@@ -18,8 +18,8 @@ data.max_length tokens, T = N x s tokens, L layers, h hidden, i intermediate, V 
   ZeRO-3 gathered params   4 x largest layer   DeepSpeed's own term (the embedding / lm_head, V x h)
   DeepSpeed reduce bucket  reduce_bucket_size x b   (ZeRO-2/3 contiguous gradients; default 5e8 elements)
   activations              see ``saved_activation_bytes_per_token_layer``:
-                             no checkpointing: L x a x T + 4hT     (a = bytes saved per token per layer)
-                             checkpointing:    L x b x h x T + 4hT (each layer's input only)
+                             no checkpointing: L x a x T + (4h + 4)T     (a = bytes saved per token per layer)
+                             checkpointing:    L x b x h x T + (4h + 4)T (each layer's input only)
   Q logits (with grad)     N x s x V x b       (the adapter-on logits, kept for backward)
   base logits (no grad)    N x s x V x b       (adapter off, no_grad; qadapter and dpo only)
   backward transient       max(2 x Q logits (the grad being accumulated + one slice's zero-padded grad)

@@ -110,6 +110,23 @@ def test_base_pass_has_no_grad_and_only_lora_is_trainable(tiny_model):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
 
 
+def test_fast_adapter_toggle_equals_peft_disable_adapter(tiny_model):
+    """generation's per-token toggle gives exactly peft's disable_adapter() forward, and restores the adapter."""
+    model = QAdapterModel.from_model(tiny_model, AdapterConfig(dropout=0.0))
+    _perturb_lora(model)
+    ids, mask = _batch()
+    with torch.no_grad():
+        on = model.peft_model(input_ids=ids, attention_mask=mask).logits
+        with model.peft_model.disable_adapter():
+            off_peft = model.peft_model(input_ids=ids, attention_mask=mask).logits
+        with model.adapter_disabled_fast():
+            off_fast = model.peft_model(input_ids=ids, attention_mask=mask).logits
+        on_again = model.peft_model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(off_fast, off_peft) and torch.equal(on_again, on)
+    assert (on - off_fast).abs().max() > 1e-2
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_base_pass_is_deterministic_in_train_mode_and_modes_are_restored():
     hf, a_cfg = _tiny_gpt2()  # GPT-2 has residual/attention/embedding dropout 0.1 (the tiny Llama has none)
     a_cfg.dropout = 0.5
@@ -160,7 +177,7 @@ def test_target_modules_are_configurable(tiny_model, targets):
 
 def test_save_load_roundtrip(tiny_model_dir, tmp_path):
     q_cfg = QConfig(alpha_0=0.25, alpha_tilde=0.6, gamma=0.9, beta=0.3, variant="bellman", mask_alignment="authors")
-    a_cfg = AdapterConfig(rank=4, lora_alpha=8, dropout=0.0, target_modules=["k_proj", "q_proj", "v_proj"])
+    a_cfg = AdapterConfig(rank=4, lora_alpha=8, dropout=0.0, target_modules=["v_proj", "q_proj", "k_proj"])
     model = QAdapterModel.from_pretrained(tiny_model_dir, adapter_cfg=a_cfg, q_cfg=q_cfg)
     _perturb_lora(model, seed=3)
     model.eval()

@@ -295,3 +295,10 @@ def test_planner_imports_neither_ray_nor_torch():
             "bad = [m for m in ('ray', 'torch', 'deepspeed') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("profile", ["configs/llama3.1-8b-dsp.yaml", "configs/llama3.1-70b-dsp.yaml"])
+def test_scaling_doc_shows_the_current_tables(profile, capsys):
+    """docs/scaling.md pastes the CLI's tables; regenerate them with `python -m qcore.planner --config ...`."""
+    main(["--config", str(ROOT / profile)])
+    assert capsys.readouterr().out.strip() in (ROOT / "docs/scaling.md").read_text()

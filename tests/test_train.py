@@ -144,14 +144,17 @@ def test_objectives_run(ray_session, pref_data, tmp_path, objective):
     from pipelines.train import train_stage
 
     cfg = tiny_cfg(tmp_path, objective=objective, num_workers=1, zero_stage=2, max_steps=2, report_every=1,
-                   checkpoint_every=2)
+                   checkpoint_every=2, schedule="linear", lr=1e-2)
     out = train_stage(cfg, pref_data, str(tmp_path / "train"))
     assert out["steps"] == 2 and [h["step"] for h in out["history"]] == [1, 2]
+    assert out["metrics"]["zero_stage"] == 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in out["history"])
+    # the linear schedule is wired through DeepSpeed: lr after each step (1e-2 -> 5e-3 -> 0)
+    assert [h["lr"] for h in out["history"]] == pytest.approx([5e-3, 0.0])
     if objective == "dpo":
         assert "rewards/margins" in out["metrics"] and "eval_rewards/accuracies" in out["metrics"]
         assert out["history"][0]["loss"] == pytest.approx(0.6931, abs=0.05)  # log 2: policy == reference at start
     else:
         assert "logps/chosen" in out["metrics"] and "rewards/margins" not in out["metrics"]
-        assert out["history"][-1]["loss"] < out["history"][0]["loss"]
+        assert out["history"][-1]["eval_loss"] < out["history"][0]["eval_loss"]
     assert (Path(out["adapter_dir"]) / "adapter_model.safetensors").exists()
