@@ -66,18 +66,23 @@ def header(title: str, **extra) -> None:
 
 
 def interleaved(peers: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
-                log: bool = True) -> dict[str, list[float]]:
-    """Run every peer once per round, in a rotating order, ``warmup`` rounds unrecorded; seconds per call."""
+                log: bool = True, cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Run every peer once per round, in a rotating order, ``warmup`` rounds unrecorded; wall seconds per call.
+
+    ``cpu_times``, if given, receives the process CPU seconds (all threads) of each recorded call: on a shared
+    machine the work done, unlike the wall time, does not depend on how much of the CPU the process got."""
     times: dict[str, list[float]] = {name: [] for name in peers}
     names = list(peers)
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no peer always runs first
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             peers[name]()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if r >= warmup:
                 times[name].append(dt)
+                if cpu_times is not None:
+                    cpu_times.setdefault(name, []).append(dc)
         if log:
             tag = "warmup" if r < warmup else f"round {r - warmup + 1}/{rounds}"
             last = ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names if r >= warmup)

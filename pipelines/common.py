@@ -108,6 +108,16 @@ def remove(uri: str) -> None:
         fs.delete_file(path)
 
 
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly in a directory (sorted); [] when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve_fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File)
+
+
 def read_text(uri: str) -> str:
     fs, path = resolve_fs(uri)
     with fs.open_input_stream(path) as f:

@@ -145,13 +145,19 @@ def adapter_objective(method: str, adapter_dir: str) -> str:
     return head if head in OBJECTIVES else "qadapter"
 
 
+def saved_q_config(adapter_dir: str):
+    """The QConfig saved with an adapter (qadapter.json), whatever shape ``read_qadapter_json`` returns."""
+    from qcore.model import read_qadapter_json
+
+    got = read_qadapter_json(adapter_dir)
+    return got[0] if isinstance(got, tuple) else got
+
+
 def build_policies(cfg: Config, adapters: dict[str, str]) -> tuple[list[dict], list[dict]]:
     """-> (unique policies to run, the table entries: {"name", "kind": method|dial, "method", "policy_id"}).
 
     Policies are deduplicated by (adapter, alpha_0, alpha_tilde): a dial setting equal to the trained one is
     evaluated once and reported in both tables."""
-    from qcore.model import read_qadapter_json
-
     policies: dict[tuple, dict] = {}
     entries: list[dict] = []
 
@@ -173,7 +179,7 @@ def build_policies(cfg: Config, adapters: dict[str, str]) -> tuple[list[dict], l
         obj = adapter_objective(name, adir)
         resolved[name] = (adir, obj)
         if obj == "qadapter":
-            qc = read_qadapter_json(adir)
+            qc = saved_q_config(adir)
             add(name, "method", name, adir, qc.alpha_0, qc.alpha_tilde, obj)
         else:
             add(name, "method", name, adir, 0.0, 1.0, obj)
@@ -188,7 +194,7 @@ def build_policies(cfg: Config, adapters: dict[str, str]) -> tuple[list[dict], l
                 unknown = set(setting) - {"alpha_0", "alpha_tilde"}
                 if unknown:
                     raise ValueError(f"config key 'eval.dial[{i}]': unknown keys {sorted(unknown)}")
-                qc = read_qadapter_json(adir)
+                qc = saved_q_config(adir)
                 a0 = float(setting.get("alpha_0", qc.alpha_0))
                 at = float(setting.get("alpha_tilde", qc.alpha_tilde))
                 if at <= 0 or a0 < 0:
@@ -216,7 +222,8 @@ class PolicyEvaluator:
     """Ray Data callable class: loads the base model + one adapter, reloads only when the adapter changes."""
 
     def __init__(self, base_path: str, dtype: str = "float32", max_new_tokens: int = 64, chunk_size: int = 128,
-                 trust_remote_code: bool = False, use_gpu: bool = False, num_threads: int = 0):
+                 trust_remote_code: bool = False, use_gpu: bool = False, num_threads: int = 0,
+                 kl_mode: str = "generation"):
         import torch
         from transformers import AutoTokenizer
 
@@ -227,6 +234,9 @@ class PolicyEvaluator:
         self.base_path = resolve_model_path(base_path)
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
+        if kl_mode not in ("generation", "forward"):
+            raise ValueError(f"kl_mode must be 'generation' or 'forward', got {kl_mode!r}")
+        self.kl_mode = kl_mode
         self.chunk_size = chunk_size
         self.trust_remote_code = trust_remote_code
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -282,19 +292,40 @@ class PolicyEvaluator:
         return ids.to(self.device), mask.to(self.device)
 
     def generate_and_kl(self, prompts: list[Any], alpha_0: float, alpha_tilde: float, want_kl: bool,
-                        max_new_tokens: Optional[int] = None):
-        """Greedy answers from the policy, and per row (sum of per-token KL(policy || base), #tokens)."""
+                        max_new_tokens: Optional[int] = None, kl_mode: Optional[str] = None):
+        """Greedy answers from the policy, and per row (sum of per-token KL(policy || base), #tokens).
+
+        kl_mode "generation" (default): the KL at each decoding step, from the very Q and base logits that
+        ``generate`` computes (recorded through ``customized_logits``, which generate calls once per step) - no
+        extra forward. "forward": one more two-pass forward over prompt + answer (falls back to it whenever the
+        recording does not have one entry per generated token). Both give the KL over the same states."""
         import torch
 
-        from qcore.metrics import kl_sum_and_count
+        from qcore.metrics import kl_sum_and_count, token_kl
 
+        kl_mode = kl_mode or self.kl_mode
         ids, mask = self._encode_left(prompts)
         p = ids.shape[1]
-        with torch.no_grad():
-            out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                      do_sample=False,
-                                      alpha_0=alpha_0, alpha_tilde=alpha_tilde, eos_token_id=self.eos_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+        steps: list = []
+        record = want_kl and kl_mode == "generation"
+        if record:
+            original = self.model.customized_logits
+
+            def recording(q_logits, base_logits, alpha_0=None, alpha_tilde=None):
+                custom = original(q_logits, base_logits, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+                if custom.dim() == 2:  # one decoding step: [B, V]
+                    steps.append(token_kl(custom, base_logits.float()).cpu())
+                return custom
+
+            self.model.customized_logits = recording  # an instance attribute shadows the method
+        try:
+            with torch.no_grad():
+                out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                          do_sample=False, alpha_0=alpha_0, alpha_tilde=alpha_tilde,
+                                          eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id)
+        finally:
+            if record:
+                del self.model.customized_logits
         new = out[:, p:].cpu()
         lengths = response_lengths(new, self.eos_ids)
         texts = [self.tokenizer.decode(new[i, : lengths[i]].tolist(), skip_special_tokens=True).strip()
@@ -302,18 +333,27 @@ class PolicyEvaluator:
         kl_sums = [0.0] * len(prompts)
         counts = [int(x) for x in lengths.tolist()]
         n = int(lengths.max()) if len(prompts) else 0
-        if want_kl and n > 0:
+        if not want_kl or n == 0:
+            return texts, kl_sums, counts
+        resp_valid = (torch.arange(n)[None, :] < lengths[:, None]).long()
+        if record and len(steps) == new.shape[1]:
+            per_token = torch.stack(steps, dim=1)[:, :n]
+            sums, cnt = (per_token * resp_valid).sum(1), resp_valid.sum(1)
+        else:
+            if record:
+                log.warning("KL recording saw %d steps for %d tokens: using a scoring forward", len(steps),
+                            new.shape[1])
             # States before each generated token: positions p-1 .. p+n-2 of prompt + response.
             seq = out[:, : p + n - 1]
-            resp_valid = (torch.arange(n)[None, :] < lengths[:, None]).long().to(self.device)
+            resp_valid = resp_valid.to(self.device)
             att = torch.cat([mask, resp_valid[:, : n - 1]], dim=1)
             with torch.no_grad():
                 q, base = self.model.q_and_base_logits(seq, att, need_base=True)
                 q, base = q[:, p - 1:], base[:, p - 1:]
                 custom = self.model.customized_logits(q, base, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
                 sums, cnt = kl_sum_and_count(custom, base, resp_valid, chunk_size=self.chunk_size)
-            kl_sums = [float(x) for x in sums.cpu().tolist()]
-            counts = [int(x) for x in cnt.cpu().tolist()]
+        kl_sums = [float(x) for x in sums.cpu().tolist()]
+        counts = [int(x) for x in cnt.cpu().tolist()]
         return texts, kl_sums, counts
 
     def __call__(self, batch):

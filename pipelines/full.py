@@ -71,11 +71,12 @@ def _sections(cfg: Config, *names: str) -> dict:
 
 
 def methods_of(cfg: Config) -> list[str]:
-    return list(cfg.eval.methods) or [cfg.train.objective]
+    """The trained methods: eval.methods (the base model needs no training), else [train.objective]."""
+    return [m for m in cfg.eval.methods if m != "base"] or [cfg.train.objective]
 
 
 def _check_fits(cfg: Config) -> None:
-    """qcore.planner.assert_fits(cfg) before a GPU run, when the planner module exists."""
+    """qcore.planner.assert_fits(cfg) (train and Tune-trial memory plans) before a GPU run, when it exists."""
     if not cfg.train.use_gpu or importlib.util.find_spec("qcore.planner") is None:
         return
     from qcore.planner import assert_fits
@@ -91,6 +92,7 @@ def run_pipeline(cfg: Config, stop_after: str | None = None) -> dict[str, Any]:
     manifest = common.Manifest(root)
     manifest.data["run"] = cfg.run.name
     manifest.data["config"] = cfg.to_dict()
+    _check_fits(cfg)  # fail before any work when the GPU plan cannot fit
     resume = cfg.run.resume
     results: dict[str, Any] = {}
     keys: dict[str, str] = {}
@@ -136,7 +138,7 @@ def run_pipeline(cfg: Config, stop_after: str | None = None) -> dict[str, Any]:
         cfg_m = apply_overrides(cfg, {"train.objective": method})
         if method == "qadapter" and best:
             cfg_m = apply_overrides(cfg_m, best)
-        _check_fits(cfg_m)
+        _check_fits(cfg_m)  # again with the tuned values (rank, batch) this run uses
         config = {**_sections(cfg_m, "model", "adapter", "q", "train"), "run.seed": cfg.run.seed}
         inputs = {"preprocess": keys["preprocess"]}
         if method == "qadapter" and "tune" in keys:
@@ -167,12 +169,14 @@ def run_pipeline(cfg: Config, stop_after: str | None = None) -> dict[str, Any]:
     inputs = {k: v for k, v in keys.items() if not k.startswith("train/")} | {"train": train_keys}
     key = common.stage_key({"config": config, "inputs": inputs})
     out = common.join(root, "report", key)
-    upstream = {k: v for k, v in results.items()}
+    upstream = dict(results)
+    upstream["stage_seconds"] = {n: e.get("wall_s") for n, e in manifest.data["stages"].items()
+                                 if e.get("status") == "finished"}
     stage("report", key, config, inputs, out, "report", "report_stage", cfg, upstream, out)
-    for name in ("report.md", "report.json"):
-        src = common.join(out, name)
-        if common.exists(src):
-            common.copy_file(src, common.join(root, name))
+    # the run's front page: report.md/json (and the plots they link) also at the run dir's top
+    for rel in ("report.md", "report.json", *(f"plots/{f}" for f in common.list_files(common.join(out, "plots")))):
+        if common.exists(common.join(out, rel)):
+            common.copy_file(common.join(out, rel), common.join(root, rel))
     return _finish(cfg, manifest, results, t_start)
 
 

@@ -69,6 +69,7 @@ class QAdapterLM(TemplateLM):
         trust = _as_bool(trust_remote_code)
         if adapter:
             trained = read_qadapter_json(adapter)
+            trained = trained[0] if isinstance(trained, tuple) else trained  # (QConfig, AdapterConfig) or QConfig
         else:  # no adapter: the base policy, exactly
             trained = QConfig(alpha_0=0.0, alpha_tilde=1.0)
         self.alpha_0 = trained.alpha_0 if _as_float(alpha_0) is None else _as_float(alpha_0)

@@ -109,3 +109,20 @@ def test_build_policies_and_files(tiny_model_dir, tmp_path):
         resolve_eval_files(load_config(None, {"eval": {"prompts_file": str(tmp_path / "none.jsonl")}}), None)
     with pytest.raises(ValueError, match="base"):
         build_policies(cfg, {"base": q})
+
+
+def test_kl_recorded_during_generation_equals_scoring_forward(tiny_model_dir, tmp_path):
+    """No Ray: the per-step KL recorded while generating equals a separate two-pass forward over prompt+answer."""
+    from pipelines.evaluate import PolicyEvaluator
+
+    adapter = _save_adapter(tiny_model_dir, tmp_path / "q", 3, QConfig(alpha_0=0.2, alpha_tilde=0.8))
+    ev = PolicyEvaluator(tiny_model_dir, max_new_tokens=7)
+    ev._load(adapter)
+    a = ev.generate_and_kl(PROMPTS, 0.2, 0.8, want_kl=True, kl_mode="generation")
+    b = ev.generate_and_kl(PROMPTS, 0.2, 0.8, want_kl=True, kl_mode="forward")
+    assert a[0] == b[0] and a[2] == b[2] and sum(a[2]) > 0
+    assert a[1] == pytest.approx(b[1], rel=1e-4, abs=1e-6) and min(a[1]) > 0
+    assert "customized_logits" not in vars(ev.model)  # the recording hook is removed afterwards
+    ev._load(None)  # the base policy: KL exactly 0
+    texts, kls, counts = ev.generate_and_kl(PROMPTS, 0.0, 1.0, want_kl=True)
+    assert kls == [0.0] * len(PROMPTS) and sum(counts) > 0

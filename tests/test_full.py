@@ -63,7 +63,7 @@ def _have(*modules):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.skipif(not _have("train", "tune", "evaluate", "report"), reason="train/tune stages not written yet")
 def test_full_dag_then_everything_cached(ray_session, tmp_path, capsys):
     full.main(_argv(tmp_path))

@@ -12,6 +12,16 @@ from qcore.model import QAdapterModel
 PAD = 3
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and on a busy 2-core machine two spinning threads per
+    process made these tests ~5x slower (measured). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _perturb_lora(model, seed=1, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -9,6 +9,16 @@ from qcore.config import AdapterConfig, QConfig
 from qcore.model import QAdapterModel
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and on a busy 2-core machine two spinning threads per
+    process made these tests ~5x slower (measured). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _perturb_lora(model: QAdapterModel, seed: int = 1, scale: float = 0.3):
     """Non-zero LoRA A and B (B starts at 0), so that Q != z_base."""
     g = torch.Generator().manual_seed(seed)

@@ -203,11 +203,12 @@ def test_job_submit_preprocess_on_two_nodes(cluster, tmp_path):
     _check_upload(out.stdout + out.stderr, storage, manifest)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.skipif(not _stages_ready(), reason="train/tune/evaluate/report stages not written yet")
 def test_job_submit_full_pipeline_on_two_nodes(cluster, tmp_path):
     storage = tmp_path / "runs"
-    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage))
+    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage),
+                                               timeout=1700)
     print(f"job {job_id}: {wall:.1f}s")
     assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout[-6000:], out.stderr[-4000:])
     assert "SUCCEEDED" in status.stdout + status.stderr
