@@ -44,6 +44,7 @@ def init_ray(cfg: Config):
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     # On a loaded machine a raylet can need over Ray's default 30 s to register ("The current node timed out").
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")  # default 60 s: "Failed to start the dashboard"
     if ray.is_initialized():
         return ray
     runtime_env = {"env_vars": WORKER_ENV}

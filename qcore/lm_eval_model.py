@@ -46,7 +46,6 @@ def _as_float(v: Any) -> Optional[float]:
     return None if v is None or v == "" or v == "None" else float(v)
 
 
-@register_model("qadapter")
 class QAdapterLM(TemplateLM):
     """An lm-eval LM scoring and generating with a Q-Adapter's customized policy (single process)."""
 
@@ -76,6 +75,10 @@ class QAdapterLM(TemplateLM):
         self.alpha_tilde = trained.alpha_tilde if _as_float(alpha_tilde) is None else _as_float(alpha_tilde)
         if self.alpha_tilde <= 0 or self.alpha_0 < 0:
             raise ValueError(f"qadapter: need alpha_0 >= 0 and alpha_tilde > 0, got {self.alpha_0}, {self.alpha_tilde}")
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("qadapter: device %s requested (lm-eval's CLI default) but CUDA is unavailable: using cpu",
+                        device)
+            device = "cpu"
         self._device = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = QAdapterModel.from_pretrained(base_dir, adapter_path=adapter, dtype=dtype,
                                                    trust_remote_code=trust, is_trainable=False)
@@ -92,6 +95,20 @@ class QAdapterLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = _as_bool(add_bos_token)
         self.chunk_size = self.model.q_config.chunk_size
+
+    # ------------------------------------------------------------------ construction from lm-eval arguments
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        """lm-eval passes model_args plus its own batch_size/device; a key given in both is taken from model_args
+        (lm-eval's default would otherwise raise "got multiple values for keyword argument")."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     # ------------------------------------------------------------------ tokenization
     @property
@@ -253,4 +270,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the canonical module (qcore.lm_eval_model), so the class registered is the importable one; registering
+    # this __main__ copy too would make a later `import qcore.lm_eval_model` fail (a second class under the name).
+    import importlib
+
+    importlib.import_module("qcore.lm_eval_model").main()
+else:
+    register_model("qadapter")(QAdapterLM)

@@ -8,9 +8,13 @@ Every per-token quantity lives on the L-1 *shifted* positions: position t holds 
 predict the token ``a_t = input_ids[:, t + 1]`` from the state ``s_t = input_ids[:, :t + 1]``.
 
 Full-vocabulary work (``log_softmax`` of the base logits, the ``logsumexp`` of the customized logits, the
-gathers) runs over chunks of ``chunk_size`` sequence positions, each upcast to (at least) float32, and under
-``torch.utils.checkpoint`` when gradients are on, so neither temporaries nor saved activations scale with
-T * V * batch. Gradients flow into ``q_logits`` only; ``base_logits`` are treated as constants.
+gathers) runs over chunks of ``chunk_size`` sequence positions (x N rows), each upcast to (at least) float32,
+inside custom autograd functions that save only per-token scalars and recompute a chunk's logits in the backward,
+so neither temporaries nor saved activations scale with T * V * batch. Gradients flow into ``q_logits`` only;
+``base_logits`` are treated as constants.
+
+``compute_loss_from_hidden`` is the same set of losses from the final hidden states at the scored positions and
+the LM head weight (the fused path, used by ``qcore.fused``): no [N, L, V] logits at all.
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 OBJECTIVES = ("qadapter", "dpo", "sft", "replay")
 VARIANTS = ("paper", "bellman")
@@ -61,41 +64,211 @@ def loss_mask(response_mask: torch.Tensor, alignment: str = "standard") -> torch
     return mask.to(torch.float32)
 
 
-def _token_stats_chunk(q: torch.Tensor, base: torch.Tensor, labels: torch.Tensor, alpha_0: float,
-                       alpha_tilde: float) -> tuple[torch.Tensor, ...]:
-    dtype = _compute_dtype(q)
-    q = q.to(dtype)
-    logp_pre_all = torch.log_softmax(base.to(dtype), dim=-1)
-    custom = (q + alpha_0 * logp_pre_all) / alpha_tilde
-    lse_custom = torch.logsumexp(custom, dim=-1)
-    idx = labels.unsqueeze(-1)
-    q_a = q.gather(-1, idx).squeeze(-1)
-    logp_pre = logp_pre_all.gather(-1, idx).squeeze(-1)
-    logp_custom = custom.gather(-1, idx).squeeze(-1) - lse_custom
-    logp_q = q_a - torch.logsumexp(q, dim=-1)
-    return q_a, alpha_tilde * lse_custom, logp_pre, logp_custom, logp_q
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked kernels (custom autograd functions). Their rows are tokens: logits rows ``[M, V]`` (``weight`` None), or
+# final hidden states ``[M, H]`` that the LM head ``weight`` ``[V, H]`` (+ ``bias``) projects, one chunk of rows
+# at a time. No ``[*, V]`` tensor outlives a chunk, in the forward or in the backward; only per-token scalars (and,
+# for hidden states, ``[M, H]`` tensors) are saved for backward.
+# ----------------------------------------------------------------------------------------------------------------
+def _chunks(m: int, chunk: int):
+    for s in range(0, m, chunk):
+        yield s, min(s + chunk, m)
 
 
-def _logprob_chunk(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits.to(_compute_dtype(logits))
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _logits(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], dtype: torch.dtype,
+            writable: bool = False) -> torch.Tensor:
+    """A chunk's logits in the compute dtype: the logits rows themselves (copied when the caller writes in place),
+    or the LM head applied as the model applies it (in the model's dtype), then upcast."""
+    if weight is None:
+        return x.to(dtype, copy=writable)
+    return F.linear(x, weight, bias).to(dtype)
 
 
-def _chunked(fn, logits: torch.Tensor, extra: tuple, input_ids: torch.Tensor, chunk_size: int):
-    """Apply ``fn(logits[:, t0:t1], *extra_chunks, labels)`` over position chunks and concatenate along dim 1."""
-    chunk_size = _check_chunk_size(chunk_size)
-    labels = input_ids[:, 1:].to(logits.device)
-    positions = labels.shape[1]
-    if positions < 1:
+def _precomputes(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    """Hidden-state rows with a frozen head: the backward needs no recomputation (see ``_QStats``)."""
+    return weight is not None and not weight.requires_grad and not (bias is not None and bias.requires_grad)
+
+
+def _grad_buffers(ctx, x, weight, bias, dtype):
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+    return grad_x, grad_w, grad_b
+
+
+def _emit_chunk_grad(dz, x_chunk, weight, grad_x, grad_w, grad_b, s, e):
+    """Logits gradient of one chunk -> the gradients of the rows (and of a trainable head)."""
+    if weight is None:
+        if grad_x is not None:
+            grad_x[s:e] = dz
+        return
+    dz = dz.to(weight.dtype)
+    if grad_x is not None:
+        grad_x[s:e] = dz @ weight
+    if grad_w is not None:
+        grad_w.add_(dz.t() @ x_chunk)
+    if grad_b is not None:
+        grad_b.add_(dz.sum(0))
+
+
+def _cast(t, like):
+    return None if t is None else t.to(like.dtype)
+
+
+class _QStats(torch.autograd.Function):
+    """Per row: Q(s,a), V(s), log pi_pre(a|s), log pi_custom(a|s), log softmax(Q)(a|s) (see ``TokenStats``).
+
+    Gradients flow into the adapter-on rows (and a trainable head); the adapter-off rows are constants and
+    log pi_pre gets no gradient. Backward, two modes:
+
+    - recompute (logits rows, or a trainable head): each chunk's logits are recomputed and turned into the
+      logits gradient in place (g_q onehot(a) + g_v softmax(custom) + ...), which is written into the preallocated
+      gradient of the rows (logits) or multiplied by the head (hidden states).
+    - precomputed (hidden states, frozen head): the gradient wrt a hidden state is linear in the upstream
+      gradients: g_q W[a] + g_v E_c, with E_c = softmax(custom) @ W ([M, H]). The forward computes E_c while the
+      chunk's logits exist, so the backward runs no GEMM over the vocabulary: three GEMMs per chunk in all (Q,
+      base, E_c) instead of five. log pi_custom and log softmax(Q) are then differentiable only with
+      ``logp_grad`` (one more GEMM, E_q = softmax(Q) @ W); the Q-Adapter loss needs neither.
+    """
+
+    @staticmethod
+    def forward(ctx, xq, xb, weight, bias, labels, alpha_0, alpha_tilde, chunk, logp_grad):
+        dtype = _compute_dtype(xq)
+        m = xq.shape[0]
+        pre = _precomputes(weight, bias)
+        q_a, logp_pre, logp_c, lse_c, lse_q = (xq.new_empty(m, dtype=dtype) for _ in range(5))
+        e_c = xq.new_empty(m, weight.shape[1], dtype=weight.dtype) if pre else None
+        e_q = xq.new_empty(m, weight.shape[1], dtype=weight.dtype) if pre and logp_grad else None
+        for s, e in _chunks(m, chunk):
+            idx = labels[s:e, None]
+            lp = torch.log_softmax(_logits(xb[s:e], weight, bias, dtype), dim=-1)
+            zq = _logits(xq[s:e], weight, bias, dtype)
+            q_a[s:e] = zq.gather(-1, idx).squeeze(-1)
+            logp_pre[s:e] = lp.gather(-1, idx).squeeze(-1)
+            lse_q[s:e] = torch.logsumexp(zq, dim=-1)
+            custom = lp.mul_(alpha_0).add_(zq).div_(alpha_tilde)  # (Q + alpha_0 * log pi_pre) / alpha_tilde
+            lse_c[s:e] = torch.logsumexp(custom, dim=-1)
+            logp_c[s:e] = custom.gather(-1, idx).squeeze(-1) - lse_c[s:e]
+            if pre:
+                e_c[s:e] = custom.sub_(lse_c[s:e, None]).exp_().to(weight.dtype) @ weight
+                if e_q is not None:
+                    e_q[s:e] = zq.sub_(lse_q[s:e, None]).exp_().to(weight.dtype) @ weight
+            del lp, zq, custom
+        v = alpha_tilde * lse_c
+        logp_q = q_a - lse_q
+        ctx.pre, ctx.alpha_0, ctx.alpha_tilde, ctx.chunk = pre, alpha_0, alpha_tilde, chunk
+        if pre:
+            ctx.save_for_backward(weight, labels, e_c, e_q)
+            ctx.x_dtype = xq.dtype
+            if not logp_grad:
+                ctx.mark_non_differentiable(logp_c, logp_q)
+        else:
+            ctx.save_for_backward(xq, xb, weight, bias, labels, lse_c, lse_q)
+        ctx.mark_non_differentiable(logp_pre)
+        ctx.set_materialize_grads(False)
+        return q_a, v, logp_pre, logp_c, logp_q
+
+    @staticmethod
+    def backward(ctx, g_qa, g_v, g_lpre, g_lc, g_lq):
+        at = ctx.alpha_tilde
+        if all(g is None for g in (g_qa, g_v, g_lc, g_lq)):
+            return (None,) * 9
+        # d/dz: Q(s,a) -> onehot(a); V -> softmax(custom); log pi_custom(a) -> (onehot(a) - softmax(custom)) / at;
+        #       log softmax(Q)(a) -> onehot(a) - softmax(Q)
+        ref = next(g for g in (g_qa, g_v, g_lc, g_lq) if g is not None)
+        zero = torch.zeros_like(ref)
+        coef_c = (zero if g_v is None else g_v) - (zero if g_lc is None else g_lc / at)
+        diag = (zero if g_qa is None else g_qa) + (zero if g_lc is None else g_lc / at) + (zero if g_lq is None else g_lq)
+        if ctx.pre:
+            weight, labels, e_c, e_q = ctx.saved_tensors
+            grad = weight[labels].to(diag.dtype) * diag[:, None] + e_c.to(diag.dtype) * coef_c[:, None]
+            if g_lq is not None:
+                grad -= e_q.to(diag.dtype) * g_lq[:, None]
+            return grad.to(ctx.x_dtype), None, None, None, None, None, None, None, None
+
+        xq, xb, weight, bias, labels, lse_c, lse_q = ctx.saved_tensors
+        a0, dtype = ctx.alpha_0, lse_c.dtype
+        grad_x, grad_w, grad_b = _grad_buffers(ctx, xq, weight, bias, dtype)
+        use_c = g_v is not None or g_lc is not None
+        for s, e in _chunks(xq.shape[0], ctx.chunk):
+            zq = _logits(xq[s:e], weight, bias, dtype, writable=g_lq is not None)
+            if use_c:
+                lp = torch.log_softmax(_logits(xb[s:e], weight, bias, dtype), dim=-1)
+                dz = lp.mul_(a0).add_(zq).div_(at).sub_(lse_c[s:e, None]).exp_().mul_(coef_c[s:e, None])
+            else:
+                dz = torch.zeros_like(zq)
+            if g_lq is not None:
+                dz.sub_(zq.sub_(lse_q[s:e, None]).exp_().mul_(g_lq[s:e, None]))
+            del zq
+            dz.scatter_add_(-1, labels[s:e, None], diag[s:e, None])
+            _emit_chunk_grad(dz, xq[s:e], weight, grad_x, grad_w, grad_b, s, e)
+            del dz
+        return grad_x, None, _cast(grad_w, weight), _cast(grad_b, bias), None, None, None, None, None
+
+
+class _LogProb(torch.autograd.Function):
+    """log softmax(logits)[label] per row (the DPO policy and SFT term); backward as ``_QStats`` (precomputed:
+    grad = g (W[a] - E), E = softmax(z) @ W; two GEMMs per chunk instead of three)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, chunk):
+        dtype = _compute_dtype(x)
+        m = x.shape[0]
+        pre = _precomputes(weight, bias) and torch.is_grad_enabled() and x.requires_grad
+        out, lse = x.new_empty(m, dtype=dtype), x.new_empty(m, dtype=dtype)
+        e_p = x.new_empty(m, weight.shape[1], dtype=weight.dtype) if pre else None
+        for s, e in _chunks(m, chunk):
+            z = _logits(x[s:e], weight, bias, dtype)
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            out[s:e] = z.gather(-1, labels[s:e, None]).squeeze(-1) - lse[s:e]
+            if pre:
+                e_p[s:e] = z.sub_(lse[s:e, None]).exp_().to(weight.dtype) @ weight
+            del z
+        ctx.pre, ctx.chunk = pre, chunk
+        if pre:
+            ctx.save_for_backward(weight, labels, e_p)
+            ctx.x_dtype = x.dtype
+        else:
+            ctx.save_for_backward(x, weight, bias, labels, lse)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None, None, None, None
+        if ctx.pre:
+            weight, labels, e_p = ctx.saved_tensors
+            grad = (weight[labels].to(g.dtype) - e_p.to(g.dtype)) * g[:, None]
+            return grad.to(ctx.x_dtype), None, None, None, None
+        x, weight, bias, labels, lse = ctx.saved_tensors
+        dtype = lse.dtype
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        for s, e in _chunks(x.shape[0], ctx.chunk):
+            dz = _logits(x[s:e], weight, bias, dtype, writable=True)
+            dz.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None]).scatter_add_(-1, labels[s:e, None], g[s:e, None])
+            _emit_chunk_grad(dz, x[s:e], weight, grad_x, grad_w, grad_b, s, e)
+            del dz
+        return grad_x, _cast(grad_w, weight), _cast(grad_b, bias), None, None
+
+
+def _row_labels(input_ids: torch.Tensor, device) -> torch.Tensor:
+    """Labels for the N*L logits rows of a [N, L] batch: row (n, t) predicts input_ids[n, t+1]; the last position of
+    each sequence predicts nothing (label 0, its output is dropped)."""
+    if input_ids.shape[1] < 2:
         raise ValueError(f"sequences need at least 2 positions (a state and a next token), got L={input_ids.shape[1]}")
-    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
-    outs = []
-    for t0 in range(0, positions, chunk_size):
-        t1 = min(t0 + chunk_size, positions)
-        args = (logits[:, t0:t1], *(e[:, t0:t1] for e in extra), labels[:, t0:t1])
-        out = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
-        outs.append(out if isinstance(out, tuple) else (out,))
-    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
+    labels = torch.zeros_like(input_ids, device=device)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels.reshape(-1)
+
+
+def _shifted(x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row values [N*L] -> the L-1 shifted positions [N, L-1]."""
+    return x.view(input_ids.shape)[:, :-1]
 
 
 def token_stats(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: torch.Tensor, alpha_0: float,
@@ -106,7 +279,9 @@ def token_stats(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: to
         V(s)          = alpha_tilde * logsumexp(logits_custom(s))       over the whole vocabulary
         log pi_custom = log_softmax(logits_custom)
 
-    q_logits, base_logits: ``[N, L, V]`` (any float dtype); input_ids: ``[N, L]``. base_logits get no gradient.
+    q_logits, base_logits: ``[N, L, V]`` (any float dtype); input_ids: ``[N, L]``. base_logits get no gradient
+    (neither does ``logp_pre``). Chunks of ``chunk_size`` positions x N rows; the gradient of q_logits is written
+    chunk by chunk into one buffer, so the backward adds that buffer and one chunk's temporaries, nothing more.
     """
     if base_logits is None:
         raise ValueError("token_stats needs base_logits (the adapter-off logits)")
@@ -115,18 +290,22 @@ def token_stats(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: to
                          f"input_ids {tuple(input_ids.shape)}")
     if alpha_tilde <= 0:
         raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
-
-    def fn(q, base, labels):
-        return _token_stats_chunk(q, base, labels, float(alpha_0), float(alpha_tilde))
-
-    return TokenStats(*_chunked(fn, q_logits, (base_logits.detach(),), input_ids, chunk_size))
+    chunk = _check_chunk_size(chunk_size) * input_ids.shape[0]
+    labels = _row_labels(input_ids, q_logits.device)
+    vocab = q_logits.shape[-1]
+    out = _QStats.apply(q_logits.reshape(-1, vocab), base_logits.detach().reshape(-1, vocab), None, None, labels,
+                        float(alpha_0), float(alpha_tilde), chunk, True)
+    return TokenStats(*(_shifted(x, input_ids) for x in out))
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
     """``log_softmax(logits)[:, t, input_ids[:, t+1]]``: ``[N, L-1]`` in (at least) float32, chunked."""
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}")
-    return _chunked(_logprob_chunk, logits, (), input_ids, chunk_size)[0]
+    chunk = _check_chunk_size(chunk_size) * input_ids.shape[0]
+    labels = _row_labels(input_ids, logits.device)
+    out = _LogProb.apply(logits.reshape(-1, logits.shape[-1]), None, None, labels, chunk)
+    return _shifted(out, input_ids)
 
 
 def _split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,139 +505,21 @@ def scored_positions(objective: str, input_ids: torch.Tensor, response_mask: tor
     return ScoredPositions(rows, cols, input_ids[rows, cols + 1], int(input_ids.shape[0]), int(input_ids.shape[1]))
 
 
-def _lm_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype):
-    """The LM head as the model applies it (in the model's dtype), then upcast: the logits path's q_logits.to(dtype)."""
-    return F.linear(h, weight, bias).to(dtype)
-
-
-def _chunks(m: int, chunk: int):
-    for s in range(0, m, chunk):
-        yield s, min(s + chunk, m)
-
-
-class _FusedQStats(torch.autograd.Function):
-    """Per-token (Q(s,a), V(s), log pi_pre(a|s), log pi_custom(a|s), log softmax(Q)(a|s)) from hidden states [M, H]
-    and the LM head, chunk by chunk; gradients into the adapter-on hidden states (and the head, if it trains)."""
-
-    @staticmethod
-    def forward(ctx, hq, hb, weight, bias, labels, alpha_0, alpha_tilde, chunk):
-        dtype = _compute_dtype(hq)
-        m = hq.shape[0]
-        out = [hq.new_empty(m, dtype=dtype) for _ in range(5)]
-        lse_c_all, lse_q_all = hq.new_empty(m, dtype=dtype), hq.new_empty(m, dtype=dtype)
-        for s, e in _chunks(m, chunk):
-            idx = labels[s:e, None]
-            lp = torch.log_softmax(_lm_logits(hb[s:e], weight, bias, dtype), dim=-1)
-            zq = _lm_logits(hq[s:e], weight, bias, dtype)
-            out[0][s:e] = zq.gather(-1, idx).squeeze(-1)
-            out[2][s:e] = lp.gather(-1, idx).squeeze(-1)
-            lse_q_all[s:e] = torch.logsumexp(zq, dim=-1)
-            custom = lp.mul_(alpha_0).add_(zq).div_(alpha_tilde)  # (Q + alpha_0 * log pi_pre) / alpha_tilde
-            del zq
-            lse_c_all[s:e] = torch.logsumexp(custom, dim=-1)
-            out[3][s:e] = custom.gather(-1, idx).squeeze(-1) - lse_c_all[s:e]
-            del custom, lp
-        out[1] = alpha_tilde * lse_c_all
-        out[4] = out[0] - lse_q_all
-        ctx.save_for_backward(hq, hb, weight, bias, labels, lse_c_all, lse_q_all)
-        ctx.alpha_0, ctx.alpha_tilde, ctx.chunk = alpha_0, alpha_tilde, chunk
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(out[2])
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, g_qa, g_v, g_lpre, g_lc, g_lq):
-        hq, hb, weight, bias, labels, lse_c_all, lse_q_all = ctx.saved_tensors
-        a0, at, chunk = ctx.alpha_0, ctx.alpha_tilde, ctx.chunk
-        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
-        dtype = lse_c_all.dtype
-        grad_h = torch.zeros_like(hq) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
-        if not (need_h or need_w or need_b) or all(g is None for g in (g_qa, g_v, g_lc, g_lq)):
-            return grad_h, None, grad_w, grad_b, None, None, None, None
-        zero = lse_c_all.new_zeros(lse_c_all.shape)
-        # d/dz: V -> softmax(custom); log pi_custom(a) -> (onehot(a) - softmax(custom)) / at;
-        #       Q(s,a) -> onehot(a); log softmax(Q)(a) -> onehot(a) - softmax(Q)
-        coef_c = (zero if g_v is None else g_v) - (zero if g_lc is None else g_lc / at)
-        diag = (zero if g_qa is None else g_qa) + (zero if g_lc is None else g_lc / at) + (zero if g_lq is None else g_lq)
-        use_c = g_v is not None or g_lc is not None
-        for s, e in _chunks(hq.shape[0], chunk):
-            zq = _lm_logits(hq[s:e], weight, bias, dtype)
-            if use_c:
-                lp = torch.log_softmax(_lm_logits(hb[s:e], weight, bias, dtype), dim=-1)
-                dz = lp.mul_(a0).add_(zq).div_(at).sub_(lse_c_all[s:e, None]).exp_().mul_(coef_c[s:e, None])
-            else:
-                dz = torch.zeros_like(zq)
-            if g_lq is not None:
-                dz.sub_(zq.sub_(lse_q_all[s:e, None]).exp_().mul_(g_lq[s:e, None]))
-            del zq
-            dz.scatter_add_(-1, labels[s:e, None], diag[s:e, None])
-            dz = dz.to(weight.dtype)
-            if need_h:
-                grad_h[s:e] = (dz @ weight).to(hq.dtype)
-            if need_w:
-                grad_w.add_(dz.t() @ hq[s:e])
-            if need_b:
-                grad_b.add_(dz.sum(0))
-        return (grad_h, None, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
-
-
-class _FusedLogProb(torch.autograd.Function):
-    """log softmax(h W^T + b)[label] per token, [M], chunk by chunk (the DPO policy and SFT term)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, labels, chunk):
-        dtype = _compute_dtype(h)
-        out = h.new_empty(h.shape[0], dtype=dtype)
-        lse_all = h.new_empty(h.shape[0], dtype=dtype)
-        for s, e in _chunks(h.shape[0], chunk):
-            z = _lm_logits(h[s:e], weight, bias, dtype)
-            lse_all[s:e] = torch.logsumexp(z, dim=-1)
-            out[s:e] = z.gather(-1, labels[s:e, None]).squeeze(-1) - lse_all[s:e]
-            del z
-        ctx.save_for_backward(h, weight, bias, labels, lse_all)
-        ctx.chunk = chunk
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        h, weight, bias, labels, lse_all = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if g is None:
-            return None, None, None, None, None
-        dtype = lse_all.dtype
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
-        for s, e in _chunks(h.shape[0], ctx.chunk):
-            dz = _lm_logits(h[s:e], weight, bias, dtype).sub_(lse_all[s:e, None]).exp_().mul_(-g[s:e, None])
-            dz.scatter_add_(-1, labels[s:e, None], g[s:e, None])
-            dz = dz.to(weight.dtype)
-            if need_h:
-                grad_h[s:e] = (dz @ weight).to(h.dtype)
-            if need_w:
-                grad_w.add_(dz.t() @ h[s:e])
-            if need_b:
-                grad_b.add_(dz.sum(0))
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
-
-
 def _fused_chunk(chunk_tokens: int) -> int:
     return _check_chunk_size(chunk_tokens)
 
 
 def fused_token_stats(q_hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                       labels: torch.Tensor, alpha_0: float, alpha_tilde: float,
-                      lm_head_bias: Optional[torch.Tensor] = None, chunk_tokens: int = 256) -> TokenStats:
+                      lm_head_bias: Optional[torch.Tensor] = None, chunk_tokens: int = 256,
+                      logp_grad: bool = False) -> TokenStats:
     """``token_stats`` at M packed positions from hidden states: each field ``[M]`` (at least float32).
 
     q_hidden: ``[M, H]`` final hidden states with the adapter on (gradients flow back into it); base_hidden:
     ``[M, H]`` with the adapter off (treated as a constant); lm_head_weight ``[V, H]`` (and bias ``[V]``);
-    labels ``[M]``. At most ``chunk_tokens`` rows of ``[*, V]`` logits exist at any time."""
+    labels ``[M]``. At most ``chunk_tokens`` rows of ``[*, V]`` logits exist at any time. With a frozen head,
+    ``q`` and ``v`` are differentiable, ``logp_custom`` and ``logp_q`` only with ``logp_grad`` (one more GEMM per
+    chunk); with a trainable head all but ``logp_pre`` are."""
     if base_hidden is None:
         raise ValueError("fused_token_stats needs base_hidden (the adapter-off hidden states)")
     if q_hidden.shape != base_hidden.shape or q_hidden.dim() != 2 or labels.shape != q_hidden.shape[:1]:
@@ -466,8 +527,8 @@ def fused_token_stats(q_hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head
                          f"labels {tuple(labels.shape)}")
     if alpha_tilde <= 0:
         raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
-    out = _FusedQStats.apply(q_hidden, base_hidden.detach(), lm_head_weight, lm_head_bias, labels,
-                             float(alpha_0), float(alpha_tilde), _fused_chunk(chunk_tokens))
+    out = _QStats.apply(q_hidden, base_hidden.detach(), lm_head_weight, lm_head_bias, labels, float(alpha_0),
+                        float(alpha_tilde), _fused_chunk(chunk_tokens), bool(logp_grad))
     return TokenStats(*out)
 
 
@@ -476,7 +537,7 @@ def fused_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     """``log_softmax(hidden @ W^T + b)[label]`` per packed position: ``[M]``, chunked (differentiable)."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}")
-    return _FusedLogProb.apply(hidden, lm_head_weight, lm_head_bias, labels, _fused_chunk(chunk_tokens))
+    return _LogProb.apply(hidden, lm_head_weight, lm_head_bias, labels, _fused_chunk(chunk_tokens))
 
 
 def _dense(values: torch.Tensor, pos: ScoredPositions) -> torch.Tensor:

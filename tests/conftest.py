@@ -8,6 +8,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # A loaded 2-core machine can take over 30 s (Ray's default) to register a raylet: "The current node timed out
 # during startup".
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")  # default 60 s: "Failed to start the dashboard"
 
 import pytest
 import torch

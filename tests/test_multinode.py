@@ -43,7 +43,8 @@ def _env():
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` = ours
     env.update(RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_raylet_start_wait_time_s="120", RAY_USAGE_STATS_ENABLED="0")
+               RAY_raylet_start_wait_time_s="120", RAY_DASHBOARD_STARTUP_TIMEOUT_S="300",
+               RAY_USAGE_STATS_ENABLED="0")
     return env
 
 
@@ -57,38 +58,42 @@ def _node_ports():
 class Cluster:
     def __init__(self):
         self.tmp = tempfile.mkdtemp(prefix="rqmn", dir="/tmp")  # short: Unix socket paths have a length limit
-        self.gcs_port, self.dash_port, self.client_port = _free_ports(3)
-        self.address = f"http://127.0.0.1:{self.dash_port}"
         self.procs: list[subprocess.Popen] = []
         self.env = _env()
+        self.failed = False
 
     def _start(self, name, args):
         log = open(os.path.join(self.tmp, f"{name}.log"), "w")
         cmd = [RAY, "start", "--block", "--num-cpus", str(NODE_CPUS), "--node-ip-address", "127.0.0.1",
-               "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats", *map(str, args)]
+               "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats", *map(str, [*args, *_node_ports()])]
         # start_new_session: setsid, so the node and everything it forks form one process group we can end
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                            start_new_session=True, cwd=self.tmp))
 
-    def start(self):
-        self._start_node("head", 1, ["--head", "--port", self.gcs_port, "--dashboard-port", self.dash_port,
-                                     "--dashboard-host", "127.0.0.1", "--ray-client-server-port", self.client_port,
-                                     "--temp-dir", self.tmp, "--include-dashboard", "true"])
-        self._start_node("worker", 2, ["--address", f"127.0.0.1:{self.gcs_port}"])
-
-    def _start_node(self, name, alive, args, attempts=3):
-        """Start a node and wait until `alive` nodes are up. On a loaded machine the raylet can abort while its
-        dashboard agent is still starting (a fixed ~15 s wait: "Timed out waiting for file
-        .../dashboard_agent_listen_port_..."); then end that node's group and try again."""
+    def start(self, attempts=3):
+        """Head, then worker. On a loaded machine a raylet can abort while its dashboard agent is still starting
+        (a fixed ~15 s wait: "Timed out waiting for file .../dashboard_agent_listen_port_..."): then both groups
+        are ended and the cluster is started again on fresh ports in a fresh temp dir."""
         for attempt in range(1, attempts + 1):
-            self._start(f"{name}{attempt}", [*args, *_node_ports()])
+            self.gcs_port, self.dash_port, self.client_port = _free_ports(3)
+            self.address = f"http://127.0.0.1:{self.dash_port}"
+            temp_dir = os.path.join(self.tmp, f"t{attempt}")
             try:
-                self._wait(lambda: self.alive_nodes() == alive, 240, f"{alive} alive node(s)")
-                return
+                self._start(f"head{attempt}", [
+                    "--head", "--port", self.gcs_port, "--dashboard-port", self.dash_port, "--dashboard-host",
+                    "127.0.0.1", "--ray-client-server-port", self.client_port, "--temp-dir", temp_dir,
+                    "--include-dashboard", "true"])
+                self._wait(lambda: self.alive_nodes() == 1, 240, "the head node")
+                self._start(f"worker{attempt}", ["--address", f"127.0.0.1:{self.gcs_port}"])
+                self._wait(lambda: self.alive_nodes() == 2, 240, "2 alive nodes")
+                return attempt
             except (AssertionError, TimeoutError):
                 if attempt == attempts:
+                    self.failed = True
                     raise
-                self._end(self.procs.pop())
+                for p in reversed(self.procs):
+                    self._end(p)
+                self.procs.clear()
 
     def _end(self, proc):
         try:
@@ -148,7 +153,7 @@ class Cluster:
         """End exactly our process groups (worker first; SIGTERM, then SIGKILL for whatever is left)."""
         for p in reversed(self.procs):
             self._end(p)
-        if os.environ.get("QADAPTER_KEEP_CLUSTER_LOGS"):
+        if self.failed or os.environ.get("QADAPTER_KEEP_CLUSTER_LOGS"):
             print(f"cluster logs kept in {self.tmp}")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -159,8 +164,8 @@ def cluster():
     c = Cluster()
     t0 = time.time()
     try:
-        c.start()
-        print(f"2-node cluster up in {time.time() - t0:.1f}s")
+        attempt = c.start()
+        print(f"2-node cluster up in {time.time() - t0:.1f}s (attempt {attempt})")
         yield c
     finally:
         c.stop()
