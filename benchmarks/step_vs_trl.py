@@ -263,12 +263,14 @@ def bench_model(model_key: str, args) -> dict:
         t0 = time.perf_counter()
         steps[name] = build_peer(name, model_dir, tokenizer, batch)[0]
         print(f"   built {name} in {time.perf_counter() - t0:.1f}s", flush=True)
-    times = _common.interleaved(steps, rounds=args.rounds, warmup=1)
+    cpu: dict[str, list[float]] = {}
+    times = _common.interleaved(steps, rounds=args.rounds, warmup=1, cpu_times=cpu)
     result = {"model": model_key, "pairs": args.pairs, "length": args.length, "real_tokens": tokens,
               "scored_tokens": scored, "threads": torch.get_num_threads(), "loss_check": check, "peers": {}}
     for name in peers:
         med = _common.median(times[name])
-        result["peers"][name] = {"median_s": med, "tokens_per_s": tokens / med, "all_s": times[name]}
+        result["peers"][name] = {"median_s": med, "tokens_per_s": tokens / med, "all_s": times[name],
+                                 "median_cpu_s": _common.median(cpu[name]), "all_cpu_s": cpu[name]}
 
     if args.memory:
         for name in peers:
@@ -276,10 +278,10 @@ def bench_model(model_key: str, args) -> dict:
                                      "--pairs", str(args.pairs), "--length", str(args.length),
                                      "--prompt-frac", str(args.prompt_frac), "--threads", str(args.threads)])
             result["peers"][name].update(res)
-    print(f"   {'peer':<14}{'median s/step':>14}{'tokens/s':>10}{'peak RSS MB':>13}{'growth MB':>11}")
+    print(f"   {'peer':<14}{'median s/step':>14}{'tokens/s':>10}{'CPU s/step':>11}{'peak RSS MB':>13}{'growth MB':>11}")
     for name in peers:
         r = result["peers"][name]
-        print(f"   {name:<14}{r['median_s']:>14.3f}{r['tokens_per_s']:>10.0f}"
+        print(f"   {name:<14}{r['median_s']:>14.3f}{r['tokens_per_s']:>10.0f}{r['median_cpu_s']:>11.2f}"
               f"{r.get('peak_rss_mb', float('nan')):>13.0f}{r.get('peak_growth_mb', float('nan')):>11.0f}")
     return result
 
@@ -356,6 +358,10 @@ def main(argv=None) -> dict:
                 print(_common.fmt_ratio(f"{m} {a}/trl", p[a]["median_s"] / p["trl"]["median_s"]))
         if "fused_noshare" in p and "plain" in p:
             print(_common.fmt_ratio(f"{m} fused_noshare/plain", p["fused_noshare"]["median_s"] / p["plain"]["median_s"]))
+        for a in ("trl", "plain"):  # CPU seconds: the work done, robust to how much CPU the process got
+            if "fused" in p and a in p:
+                print(_common.fmt_ratio(f"{m} fused/{a} (CPU seconds)",
+                                        p["fused"]["median_cpu_s"] / p[a]["median_cpu_s"]))
         if "fused" in p and "trl" in p and "peak_rss_mb" in p["fused"] and "peak_rss_mb" in p["trl"]:
             print(_common.fmt_ratio(f"{m} peak RSS fused/trl", p["fused"]["peak_rss_mb"] / p["trl"]["peak_rss_mb"]))
     return {"results": results}

@@ -22,6 +22,7 @@ logit scaling) fall back to the logits path.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Optional
 
@@ -32,6 +33,23 @@ from qcore.losses import OBJECTIVES, ScoredPositions, compute_loss, compute_loss
 BASE_OBJECTIVES = ("qadapter", "dpo")
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
+
+
+def _gathered(*params):
+    """Under DeepSpeed ZeRO-3, gather the (partitioned) LM head for a direct read of its weight, as its own forward
+    hook would; a null context otherwise. The fused loss reads the head only in its forward (a frozen head's
+    backward needs no weight), so the gather spans the loss forward alone."""
+    live = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not live:
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    todo = {id(p): p for p in live if p.ds_status != ZeroParamStatus.AVAILABLE}
+    if any(p.requires_grad for p in live):
+        raise NotImplementedError("the fused loss under ZeRO-3 needs a frozen LM head (LoRA); use compute_loss")
+    return deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None) if todo \
+        else contextlib.nullcontext()
 
 
 def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,7 +63,8 @@ def plain_lm_head(hf_model) -> Optional[torch.nn.Module]:
     if any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return None
     head = hf_model.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+    weight = getattr(head, "weight", None)
+    if head is None or not isinstance(weight, torch.Tensor) or len(getattr(weight, "ds_shape", weight.shape)) != 2:
         return None
     if type(head).forward is not torch.nn.Linear.forward:
         return None
@@ -189,8 +208,9 @@ def fused_loss(qmodel, objective: str, batch: dict, q_cfg=None, dpo_beta: float 
         with torch.no_grad(), qmodel.adapter_disabled(), qmodel.eval_mode():
             base_hidden, _ = hidden_at(hf_model, input_ids, attention_mask, positions, share)
     q_hidden, shared = hidden_at(hf_model, input_ids, attention_mask, positions, share)
-    loss, metrics = compute_loss_from_hidden(objective, q_hidden, base_hidden, head.weight, positions, q_cfg,
-                                             dpo_beta, lm_head_bias=head.bias, chunk_tokens=chunk_tokens)
+    with _gathered(head.weight, head.bias):
+        loss, metrics = compute_loss_from_hidden(objective, q_hidden, base_hidden, head.weight, positions, q_cfg,
+                                                 dpo_beta, lm_head_bias=head.bias, chunk_tokens=chunk_tokens)
     metrics["fused/shared_prefix"] = float(shared)
     metrics["fused/scored_tokens"] = float(positions.rows.numel())
     return loss, metrics

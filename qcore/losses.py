@@ -158,14 +158,13 @@ class _QStats(torch.autograd.Function):
         v = alpha_tilde * lse_c
         logp_q = q_a - lse_q
         ctx.pre, ctx.alpha_0, ctx.alpha_tilde, ctx.chunk = pre, alpha_0, alpha_tilde, chunk
-        if pre:
-            ctx.save_for_backward(weight, labels, e_c, e_q)
+        if pre:  # the backward needs W[a] and E_c only: the head itself is not kept (nor gathered, under ZeRO-3)
+            ctx.save_for_backward(weight[labels], e_c, e_q)
             ctx.x_dtype = xq.dtype
-            if not logp_grad:
-                ctx.mark_non_differentiable(logp_c, logp_q)
         else:
             ctx.save_for_backward(xq, xb, weight, bias, labels, lse_c, lse_q)
-        ctx.mark_non_differentiable(logp_pre)
+        # one call: each call replaces the previous set
+        ctx.mark_non_differentiable(*((logp_pre,) if not pre or logp_grad else (logp_pre, logp_c, logp_q)))
         ctx.set_materialize_grads(False)
         return q_a, v, logp_pre, logp_c, logp_q
 
@@ -181,8 +180,8 @@ class _QStats(torch.autograd.Function):
         coef_c = (zero if g_v is None else g_v) - (zero if g_lc is None else g_lc / at)
         diag = (zero if g_qa is None else g_qa) + (zero if g_lc is None else g_lc / at) + (zero if g_lq is None else g_lq)
         if ctx.pre:
-            weight, labels, e_c, e_q = ctx.saved_tensors
-            grad = weight[labels].to(diag.dtype) * diag[:, None] + e_c.to(diag.dtype) * coef_c[:, None]
+            w_a, e_c, e_q = ctx.saved_tensors
+            grad = w_a.to(diag.dtype) * diag[:, None] + e_c.to(diag.dtype) * coef_c[:, None]
             if g_lq is not None:
                 grad -= e_q.to(diag.dtype) * g_lq[:, None]
             return grad.to(ctx.x_dtype), None, None, None, None, None, None, None, None
@@ -227,7 +226,7 @@ class _LogProb(torch.autograd.Function):
             del z
         ctx.pre, ctx.chunk = pre, chunk
         if pre:
-            ctx.save_for_backward(weight, labels, e_p)
+            ctx.save_for_backward(weight[labels], e_p)
             ctx.x_dtype = x.dtype
         else:
             ctx.save_for_backward(x, weight, bias, labels, lse)
@@ -239,8 +238,8 @@ class _LogProb(torch.autograd.Function):
         if g is None:
             return None, None, None, None, None
         if ctx.pre:
-            weight, labels, e_p = ctx.saved_tensors
-            grad = (weight[labels].to(g.dtype) - e_p.to(g.dtype)) * g[:, None]
+            w_a, e_p = ctx.saved_tensors
+            grad = (w_a.to(g.dtype) - e_p.to(g.dtype)) * g[:, None]
             return grad.to(ctx.x_dtype), None, None, None, None
         x, weight, bias, labels, lse = ctx.saved_tensors
         dtype = lse.dtype

@@ -345,3 +345,37 @@ def test_base_pass_sees_no_adapter_and_no_dropout():
     torch.manual_seed(0)
     l1, m1 = model.fused_loss("dpo", batch)
     assert m1["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)  # Q == base at init: zero DPO reward
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_fused_token_stats_gradients_of_every_statistic(trainable_head):
+    """Both backward modes (precomputed expectations with a frozen head, recomputation with a trainable one) give
+    the logits path's gradient for every differentiable statistic (log-probs with ``logp_grad``)."""
+    batch, weight, bias, hq, hb = _hidden_problem(n_pairs=2, length=9, vocab=11, seed=8)
+    ids = batch["input_ids"]
+    n, length, _ = hq.shape
+    rows, cols = [t.flatten() for t in torch.meshgrid(torch.arange(n), torch.arange(length - 1), indexing="ij")]
+    g = torch.Generator().manual_seed(0)
+    coefs = [torch.randn(n * (length - 1), generator=g, dtype=torch.float64) for _ in range(5)]
+    w = weight.clone().requires_grad_(trainable_head)
+    h1 = hq.clone().requires_grad_(True)
+    dense = losses.token_stats(F.linear(h1, w, bias), F.linear(hb, w, bias).detach(), ids, 0.05, 1.3, chunk_size=2)
+    total1 = sum((c * x[rows, cols]).sum() for i, (c, x) in enumerate(zip(coefs, dense)) if i != 2)
+    want = torch.autograd.grad(total1, [h1] + ([w] if trainable_head else []))
+    h2 = hq.clone().requires_grad_(True)
+    packed = losses.fused_token_stats(h2[rows, cols], hb[rows, cols], w, ids[rows, cols + 1], 0.05, 1.3,
+                                      lm_head_bias=bias, chunk_tokens=5, logp_grad=True)
+    total2 = sum((c * x).sum() for i, (c, x) in enumerate(zip(coefs, packed)) if i != 2)
+    got = torch.autograd.grad(total2, [h2] + ([w] if trainable_head else []))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert not packed.logp_pre.requires_grad
+
+
+def test_frozen_head_log_probs_are_constants_without_logp_grad():
+    batch, weight, bias, hq, hb = _hidden_problem(seed=1)
+    pos = losses.scored_positions("qadapter", batch["input_ids"], batch["response_mask"])
+    h = hq[pos.rows, pos.cols].clone().requires_grad_(True)
+    st = losses.fused_token_stats(h, hb[pos.rows, pos.cols], weight, pos.labels, 0.1, 1.0)
+    assert st.q.requires_grad and st.v.requires_grad
+    assert not (st.logp_custom.requires_grad or st.logp_q.requires_grad or st.logp_pre.requires_grad)

@@ -70,10 +70,11 @@ class Cluster:
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                            start_new_session=True, cwd=self.tmp))
 
-    def start(self, attempts=3):
-        """Head, then worker. On a loaded machine a raylet can abort while its dashboard agent is still starting
-        (a fixed ~15 s wait: "Timed out waiting for file .../dashboard_agent_listen_port_..."): then both groups
-        are ended and the cluster is started again on fresh ports in a fresh temp dir."""
+    def start(self, attempts=4):
+        """Head, then worker. On a loaded machine a raylet aborts when its dashboard agent has not written its
+        port file within a fixed ~15 s ("Timed out waiting for file .../dashboard_agent_listen_port_..." in
+        raylet.out; RAY_agent_register_timeout_ms does not change it). A failed start ends both groups and
+        starts again on fresh ports in a fresh temp dir."""
         for attempt in range(1, attempts + 1):
             self.gcs_port, self.dash_port, self.client_port = _free_ports(3)
             self.address = f"http://127.0.0.1:{self.dash_port}"
@@ -134,7 +135,10 @@ class Cluster:
         raise TimeoutError(f"no {what} after {timeout}s: {self.logs()}")
 
     def logs(self):
-        return {f.name: f.read_text()[-2000:] for f in Path(self.tmp).glob("*.log")}
+        out = {f.name: f.read_text()[-1500:] for f in Path(self.tmp).glob("*.log")}
+        for f in Path(self.tmp).glob("t*/session_*/logs/raylet.out"):  # why a raylet died, when it did
+            out.update({str(f): line[-400:] for line in f.read_text().splitlines() if "Check failed" in line})
+        return out
 
     def submit(self, *entry_args, timeout=900):
         t0 = time.time()

@@ -96,7 +96,8 @@ def test_report_without_optional_inputs(tmp_path, inputs):
 
 
 def test_helpers(tmp_path):
-    assert tune_axes(["config/train.lr", "win_rate", "probe_accuracy"])[:4] == ("probe_accuracy", True, "win_rate", True)
+    axes = tune_axes(["config/train.lr", "win_rate", "probe_accuracy"])
+    assert axes[:4] == ("probe_accuracy", True, "win_rate", True)
     assert tune_axes(["config/train.lr", "eval_loss", "kl_to_base"])[:4] == ("eval_loss", False, "kl_to_base", False)
     assert tune_axes(["config/train.lr"]) is None
     assert find_tune_csv(None) is None and find_tune_csv({"results_csv": str(tmp_path / "none.csv")}) is None

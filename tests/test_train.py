@@ -55,7 +55,7 @@ def pref_data(tmp_path_factory, tiny_model_dir):
     return write_pref_parquet(tmp_path_factory.mktemp("prefdata"), tiny_model_dir)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -120,7 +120,7 @@ def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_d
     assert 1 <= len(kept) <= 2
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tmp_path):
     from pipelines.train import FAIL_MARKER, train_stage
 
@@ -138,7 +138,7 @@ def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tm
     assert out["metrics"]["resume_adapter_max_abs_diff"] < 1e-7
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("objective", ["dpo", "sft"])
 def test_objectives_run(ray_session, pref_data, tmp_path, objective):
     from pipelines.train import train_stage

@@ -26,7 +26,7 @@ def _pref_parquet(out_dir: Path, model_dir: str, n_train: int = 16, n_eval: int 
     return str(out_dir)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path):
     from pipelines.tune import tune_stage
     from qcore.config import config_from_dict
