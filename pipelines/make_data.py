@@ -1,8 +1,10 @@
 """Generate the embedded default's preference data with the real base model (Ray Data batch inference).
 
     python pipelines/make_data.py [--config configs/default.yaml] [--out data/default] [--num-prompts 640]
-        [--samples 4] [--max-new-tokens 64] [--temperature 0.9] [--top-p 0.95] [--margin 0.5] [--seed 0]
+        [--samples 2] [--max-new-tokens 48] [--temperature 0.9] [--top-p 0.95] [--margin 1.0] [--seed 0]
+        [--actors 2]
     python pipelines/make_data.py --probe-check [--probe data/probe.jsonl]   # base model's probe accuracy
+    python pipelines/make_data.py --from-samples data/default/samples.jsonl  # re-pair without the model
 
 What it does (see data/README.md for the numbers of the shipped run):
 1. Prompts. A deterministic grid of single-turn questions: TOPICS (5 categories, plural-aware noun phrases) x
@@ -10,20 +12,23 @@ What it does (see data/README.md for the numbers of the shipped run):
    ~15% of each category's topics): every prompt of a held-out topic goes to ``heldout_prompts.jsonl`` and none
    to training, so held-out prompts are disjoint from the training prompts, topic and all. ``--num-prompts``
    training prompts are drawn (seeded) from the other topics' grid.
-2. Samples. Ray Data ``map_batches`` with a callable class (``SampleGenerator``, one actor) that loads the base
-   model once (``model.path``, default the converted SmolLM2-135M-Instruct; never an adapter) and samples
-   ``--samples`` answers per prompt with HF ``generate`` (left padding, temperature/top-p sampling, at most
-   ``--max-new-tokens`` new tokens). The prompt is rendered with the model's chat template as one user message
-   (the template adds SmolLM2's default system prompt). Each batch is seeded from ``--seed`` and its first
-   prompt id.
-3. Pairs. Every sample is scored by ``qcore.oracle.score`` (concise, complete, on-topic). Per prompt, distinct
-   samples are sorted by score and every (higher, lower) combination whose score gap is >= ``--margin``
-   becomes a pair; (best, worst) comes first, then by gap, at most ``--max-pairs-per-prompt``. The pairs are
-   shuffled (seeded) and written as the "string" format: {"prompt", "chosen", "rejected", "chosen_score",
-   "rejected_score"}.
+2. Samples. Ray Data ``map_batches`` with a callable class (``SampleGenerator``, ``--actors`` actors) that loads
+   the base model once (``model.path``, default the converted SmolLM2-135M-Instruct; never an adapter) and
+   samples ``--samples`` answers per prompt with HF ``generate`` (left padding, temperature/top-p sampling, at
+   most ``--max-new-tokens`` new tokens). The prompt is rendered with the model's chat template as one user
+   message (the template adds SmolLM2's default system prompt). Each batch is seeded from ``--seed`` and its
+   first prompt id. Work is saved per chunk of 80 prompts under <cache>/make_data/ (resumable).
+3. Candidates. Every sample, plus its sentence cut (``sentence_cut``: its opening whole sentences within the
+   oracle's 20-word budget) when it has one; each scored by ``qcore.oracle.score`` (concise, complete,
+   on-topic). The base model almost never finishes within the token limit, so without the cuts the pairs
+   would mostly rank two cut-off answers by how many words fit in the limit.
+4. Pairs. Per prompt, distinct candidates are sorted by score and every (higher, lower) combination whose score
+   gap is >= ``--margin`` and whose chosen response ends a sentence becomes a pair; largest gap first (best vs
+   worst), at most ``--max-pairs-per-prompt``. The pairs are shuffled (seeded) and written as the "string"
+   format: {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}.
 
 Outputs in ``--out``: pairs.jsonl, heldout_prompts.jsonl ({"prompt", "topic", "category", "style"}),
-train_prompts.jsonl, samples.jsonl (every sample with its score; for inspection), stats.json.
+train_prompts.jsonl, samples.jsonl (every candidate with its score and source), stats.json.
 ``--probe-check`` answers every probe question greedily and writes probe_base.jsonl and stats.json["probe"].
 """
 from __future__ import annotations
