@@ -113,8 +113,14 @@ class Cluster:
         os.killpg(proc.pid, signal.SIGKILL)
 
     def cli(self, *args, timeout=120):
-        return subprocess.run([RAY, *args, "--address", self.address], env=self.env, cwd=ROOT, text=True,
-                              capture_output=True, timeout=timeout)
+        # --address goes before a "--" entrypoint separator: after it, it would be an argument of the job
+        if "--" in args:
+            cut = args.index("--")
+            args = (*args[:cut], "--address", self.address, *args[cut:])
+        else:
+            args = (*args, "--address", self.address)
+        return subprocess.run([RAY, *args], env=self.env, cwd=ROOT, text=True, capture_output=True,
+                              timeout=timeout)
 
     def alive_nodes(self):
         out = self.cli("list", "nodes", "--format", "json")
