@@ -124,14 +124,14 @@ def make_timed_loop(timing_dir: str):
     return timed_loop
 
 
-def run_ray(cfg, data_dir: str, out_dir: str, timing_dir: str) -> dict:
+def run_ray(cfg, data_dir: str, out_dir: str, timing_dir: str, ds_overrides: dict | None = None) -> dict:
     import pipelines.train as T
 
     original = T.train_loop_per_worker
     T.train_loop_per_worker = make_timed_loop(timing_dir)  # build_trainer looks the name up at call time
     try:
         t0 = time.perf_counter()
-        out = T.train_stage(cfg, data_dir, out_dir)
+        out = T.train_stage(cfg, data_dir, out_dir, ds_overrides=ds_overrides)
         wall = time.perf_counter() - t0
     finally:
         T.train_loop_per_worker = original
@@ -217,10 +217,14 @@ def main(argv=None):
     ap.add_argument("--max-prompt-length", type=int, default=64)
     ap.add_argument("--report-every", type=int, default=5)
     ap.add_argument("--checkpoint-every", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2, help="threads of the in-process run")
+    ap.add_argument("--threads", type=int, default=None, help="threads of the in-process run (default: --workers, "
+                    "the CPUs the workers get, 1 thread each)")
+    ap.add_argument("--ds-overrides", default=None, help="JSON merged into the DeepSpeed config (train_stage's "
+                    "ds_overrides), e.g. '{\"zero_optimization\": {\"stage3_param_persistence_threshold\": 1e6}}'")
     ap.add_argument("--quick", action="store_true", help="tiny model, 6 steps, report every 2, checkpoint every 3")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    args.threads = args.threads or args.workers
     if args.quick:
         args.model, args.steps, args.report_every, args.checkpoint_every = "tiny", 6, 2, 3
         args.max_length, args.max_prompt_length = 64, 32
@@ -253,7 +257,8 @@ def main(argv=None):
     ray_init = time.perf_counter() - t0
     timing_dir = os.path.join(work, "timing")
     os.makedirs(timing_dir)
-    res = run_ray(cfg, data_dir, os.path.join(work, "train"), timing_dir)
+    res = run_ray(cfg, data_dir, os.path.join(work, "train"), timing_dir,
+                  json.loads(args.ds_overrides) if args.ds_overrides else None)
     b = breakdown(res)
     print(f"   ray: stage {res['stage_wall_s']:.1f}s (ray.init before it {ray_init:.1f}s): startup {b['startup_s']:.1f}s, "
           f"loop {b['loop_s']:.1f}s = steps {b['steps_s']:.1f}s + reporting {b['reporting_s']:.2f}s "
