@@ -266,6 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from qcore.model import QAdapterModel
 
+    t_worker = time.time()
     cfg = config_from_dict(config["cfg"])
     tc = cfg.train
     ctx = ray.train.get_context()
@@ -304,6 +305,7 @@ def train_loop_per_worker(config: dict) -> None:
                                            config=ds_config(cfg, config.get("ds_overrides")))
     zero_stage = int(engine.zero_optimization_stage())
     module = engine.module
+    t_engine = time.time()
 
     # ---- resume: a restart after a failure (Ray's latest checkpoint) or an explicit train.resume_from
     state: dict[str, Any] = {"step": 0, "restarts": 0, "history": [], "partition": None}
@@ -406,7 +408,7 @@ def train_loop_per_worker(config: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- the loop
-    step = int(state["step"])
+    step = start_step = int(state["step"])
     micro = step * ga
     batches = train_batches(micro)
     sums: dict[str, float] = {}
@@ -462,6 +464,9 @@ def train_loop_per_worker(config: dict) -> None:
             micro += 1
         step += 1
         pbar.update(1)
+        if rank == 0 and step == start_step + 1:
+            print(f"[train] rank 0: model + DeepSpeed engine {t_engine - t_worker:.1f}s, first step (incl. the first "
+                  f"batch from Ray Data) {time.time() - t_start:.1f}s", flush=True)
         if state["partition"] is None:  # after the first step: what each rank holds (ZeRO-3: its partition)
             info = _partition_info(engine, rank)
             infos = [None] * world

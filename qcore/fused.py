@@ -31,6 +31,7 @@ import torch
 from qcore.losses import OBJECTIVES, ScoredPositions, compute_loss, compute_loss_from_hidden, scored_positions
 
 BASE_OBJECTIVES = ("qadapter", "dpo")
+MAX_GROUPS = 4  # continuation passes per forward: length buckets trade padding for smaller batches
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 
@@ -128,43 +129,84 @@ def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return common
 
 
-def _shared_prefix_hidden(decoder: _Decoder, input_ids, attention_mask, prefix, cache):
-    """Run each pair's shared prefix once ([B, P]) and the 2B continuations on its repeated cache ([2B, R]).
+def length_buckets(lengths: list[int], max_groups: int) -> list[list[int]]:
+    """Split rows into at most ``max_groups`` groups of similar length, minimizing the padded area
+    sum(len(group) * max length in group): rows sorted by length, then an exact DP over contiguous splits."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    srt = [lengths[i] for i in order]
+    n, k = len(srt), max(1, min(max_groups, len(srt)))
+    inf = float("inf")
+    # cost[g][j]: best area for the first j sorted rows in g groups; a group i..j-1 costs (j - i) * srt[i]
+    cost = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for g in range(1, k + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                c = cost[g - 1][i] + (j - i) * srt[i]
+                if c < cost[g][j]:
+                    cost[g][j], cut[g][j] = c, i
+    best_g = min(range(1, k + 1), key=lambda g: (cost[g][n], g))
+    groups, j = [], n
+    for g in range(best_g, 0, -1):
+        i = cut[g][j]
+        groups.append(order[i:j])
+        j = i
+    return groups[::-1]
 
-    Returns (h_prefix [B, P, H], h_cont [2B, R, H], S [2B]): the hidden state at sequence index t of row r is
-    h_prefix[r mod B, t] for t < S_r, else h_cont[r, t - S_r]."""
+
+def _shared_prefix_hidden(decoder: _Decoder, input_ids, attention_mask, prefix, cache, max_groups: int):
+    """Run each pair's shared prefix once ([B, P]), then the 2B continuations on copies of its cache, in at most
+    ``max_groups`` length buckets (less padding than one [2B, max continuation] pass).
+
+    Returns (h_prefix [B, P, H], [(rows, h_cont [n_g, R_g, H]) per bucket], S [2B]): the hidden state at sequence
+    index t of row r is h_prefix[r mod B, t] for t < S_r, else h_cont of r's bucket at (r's slot, t - S_r)."""
     n, length = input_ids.shape
     b = n // 2
     device = input_ids.device
     p = int(prefix.max())
     ar_p = torch.arange(p, device=device)
     p_mask = (ar_p < prefix[:, None]).long()
-    p_pos = ar_p.expand(b, p)
-    h_prefix = decoder(input_ids[:b, :p], p_mask, p_pos, cache)
+    h_prefix = decoder(input_ids[:b, :p], p_mask, ar_p.expand(b, p), cache)
 
-    cache.reorder_cache(torch.arange(b, device=device).repeat(2))  # [B] -> [2B]: chosen rows, then rejected rows
     lens = attention_mask.long().sum(1)
     s = prefix.repeat(2)
-    r = int((lens - s).max())
-    idx = s[:, None] + torch.arange(r, device=device)  # sequence index of continuation token j of each row
-    c_valid = idx < lens[:, None]
-    c_ids = input_ids.gather(1, idx.clamp(max=length - 1))
-    c_mask = torch.cat([p_mask.repeat(2, 1), c_valid.long()], dim=1)
-    h_cont = decoder(c_ids, c_mask, idx, cache)
-    return h_prefix, h_cont, s
+    cont = (lens - s).tolist()
+    buckets = []
+    for rows in length_buckets(cont, max_groups):
+        rows_t = torch.tensor(rows, device=device)
+        src = rows_t % b  # the pair's prefix row
+        r = max(cont[i] for i in rows)
+        cache_g = decoder.new_cache()
+        for layer_idx, layer in enumerate(cache.layers):  # this bucket's rows of the prefix keys/values
+            cache_g.update(layer.keys.index_select(0, src), layer.values.index_select(0, src), layer_idx)
+        idx = s[rows_t, None] + torch.arange(r, device=device)  # sequence index of continuation token j
+        c_valid = idx < lens[rows_t, None]
+        c_ids = input_ids[rows_t].gather(1, idx.clamp(max=length - 1))
+        c_mask = torch.cat([p_mask[src], c_valid.long()], dim=1)
+        buckets.append((rows_t, decoder(c_ids, c_mask, idx, cache_g)))
+    return h_prefix, buckets, s
 
 
-def _gather_shared(h_prefix, h_cont, s, rows, cols):
+def _gather_shared(h_prefix, buckets, s, rows, cols):
     b, p, hidden = h_prefix.shape
-    r = h_cont.shape[1]
+    n = s.shape[0]
+    base = torch.zeros(n, dtype=torch.long, device=rows.device)  # flat offset of each row's continuation
+    stride = torch.zeros(n, dtype=torch.long, device=rows.device)
+    parts, offset = [h_prefix.reshape(-1, hidden)], b * p
+    for rows_g, h in buckets:
+        r = h.shape[1]
+        base[rows_g] = offset + torch.arange(len(rows_g), device=rows.device) * r
+        stride[rows_g] = r
+        parts.append(h.reshape(-1, hidden))
+        offset += h.shape[0] * r
     s_rows = s[rows]
-    in_prefix = cols < s_rows
-    flat = torch.where(in_prefix, (rows % b) * p + cols, b * p + rows * r + (cols - s_rows).clamp(min=0))
-    return torch.cat([h_prefix.reshape(-1, hidden), h_cont.reshape(-1, hidden)]).index_select(0, flat)
+    flat = torch.where(cols < s_rows, (rows % b) * p + cols, base[rows] + (cols - s_rows).clamp(min=0))
+    return torch.cat(parts).index_select(0, flat)
 
 
 def hidden_at(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: ScoredPositions,
-              share_prefix: bool = True) -> tuple[torch.Tensor, bool]:
+              share_prefix: bool = True, max_groups: int = MAX_GROUPS) -> tuple[torch.Tensor, bool]:
     """Final hidden states ``[M, H]`` at the scored positions (row k = hidden at (rows[k], cols[k])), and whether
     the prefix was shared. Runs under whatever grad mode / adapter state the caller set."""
     decoder = _Decoder(hf_model)
@@ -174,8 +216,9 @@ def hidden_at(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
         lens = attention_mask.long().sum(1)
         cache = decoder.new_cache() if prefix is not None and bool((cols < lens[rows]).all()) else None
         if cache is not None:
-            h_prefix, h_cont, s = _shared_prefix_hidden(decoder, input_ids, attention_mask, prefix, cache)
-            return _gather_shared(h_prefix, h_cont, s, rows, cols), True
+            h_prefix, buckets, s = _shared_prefix_hidden(decoder, input_ids, attention_mask, prefix, cache,
+                                                          max_groups)
+            return _gather_shared(h_prefix, buckets, s, rows, cols), True
     n_used = int(rows.max()) + 1 if rows.numel() else 1  # sft scores the chosen half only: run just those rows
     ids, mask = input_ids[:n_used], attention_mask[:n_used]
     hidden = decoder(ids, mask, _positions_from_mask(mask))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from qcore import losses
 from qcore.config import AdapterConfig, QConfig
-from qcore.fused import fused_loss, hidden_at, plain_lm_head, shared_prefix_lengths
+from qcore.fused import fused_loss, hidden_at, length_buckets, plain_lm_head, shared_prefix_lengths
 from qcore.model import QAdapterModel
 
 from test_losses import ref_dpo, ref_qadapter, ref_sft, random_batch
@@ -274,7 +274,8 @@ def test_model_fused_loss_equals_logits_path(arch, objective, variant, alignment
         assert rel < (1e-12 if (arch == "gpt2" or not share) else 1e-6), rel
 
 
-def test_shared_prefix_hidden_states_equal_full_pass():
+@pytest.mark.parametrize("max_groups", [1, 2, 4, 100])
+def test_shared_prefix_hidden_states_equal_full_pass(max_groups):
     hf, acfg = _llama64()
     model = QAdapterModel.from_model(hf, acfg, _cfg())
     _perturb(model)
@@ -285,10 +286,19 @@ def test_shared_prefix_hidden_states_equal_full_pass():
     pos = losses.ScoredPositions(rows, cols, ids[rows, cols + 1], n, length)
     hf_model = model.peft_model.get_base_model()
     with torch.no_grad():
-        shared, used = hidden_at(hf_model, ids, att, pos, share_prefix=True)
+        shared, used = hidden_at(hf_model, ids, att, pos, share_prefix=True, max_groups=max_groups)
         full, used_full = hidden_at(hf_model, ids, att, pos, share_prefix=False)
     assert used and not used_full
     torch.testing.assert_close(shared, full, rtol=1e-12, atol=1e-12)
+
+
+def test_length_buckets():
+    assert length_buckets([5, 1, 9, 2], 1) == [[2, 0, 3, 1]]
+    groups = length_buckets([5, 1, 9, 2, 9, 1], 3)
+    assert sorted(i for g in groups for i in g) == list(range(6)) and len(groups) == 3
+    area = sum(len(g) * max([5, 1, 9, 2, 9, 1][i] for i in g) for g in groups)
+    assert area == 2 * 9 + 1 * 5 + 3 * 2  # {9, 9}, {5}, {2, 1, 1}
+    assert length_buckets([3], 4) == [[0]]
 
 
 def test_shared_prefix_lengths():

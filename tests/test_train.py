@@ -116,7 +116,7 @@ def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_d
     assert diff < 1e-5, diff
     assert float((zero_adapter - probe["custom_logits"]).abs().max()) > 1e-4  # the adapter changed the policy
     # checkpoints kept: at most keep_checkpoints (2) of the ones at steps 4 and 8
-    kept = [p for p in Path(out["run_path"]).iterdir() if p.name.startswith("checkpoint")]
+    kept = [p for p in Path(out["run_path"]).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
     assert 1 <= len(kept) <= 2
 
 
