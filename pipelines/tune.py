@@ -147,7 +147,6 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
     import pandas as pd
     import yaml
 
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
