@@ -59,7 +59,9 @@ def _submit(module: str, func: str, *args) -> dict:
 
     task = ray.remote(_stage_task).options(
         num_cpus=STAGE_CPUS, max_retries=0, name=f"stage:{module}.{func}",
-        runtime_env={"env_vars": dict(common.WORKER_ENV)},  # inherited by the workers the stage starts
+        # inherited by the workers the stage starts; RAY_ADDRESS: Ray Train's helper actors call ray.init() and
+        # otherwise refuse to pick when another Ray instance runs on the same machine
+        runtime_env={"env_vars": {**common.WORKER_ENV, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}},
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
     )
     return ray.get(task.remote(module, func, args))

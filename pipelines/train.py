@@ -1,7 +1,8 @@
 """Train stage: a Ray Train (V2) TorchTrainer running DeepSpeed ZeRO on every worker.
 
-One loop serves the four objectives (``qadapter``, ``dpo``, ``sft``, ``replay`` = sft on its own data); the base pass
-(adapter off, no grad) runs only for the objectives that need it (qadapter, dpo).
+One loop serves the four objectives (``qadapter``, ``dpo``, ``sft``, ``replay`` = sft on the chosen responses mixed
+with the base model's own answers, built first by pipelines/replay.py); the base pass (adapter off, no grad) runs
+only for the objectives that need it (qadapter, dpo).
 
 Per worker: ``QAdapterModel`` -> ``deepspeed.initialize`` (ZeRO ``train.zero_stage``; bf16 on GPU, fp32 on CPU; a
 client ``torch.optim.AdamW`` so no FusedAdam/cpu_adam op is compiled; gradient accumulation and clipping by
@@ -185,6 +186,13 @@ def _loss(engine, batch: dict, cfg: Config):
 
     objective = cfg.train.objective
     need_base = objective in BASE_OBJECTIVES
+    if need_base and cfg.train.fused:  # qcore.fused: LM head on response positions only
+        # Prefix sharing runs a data-dependent number of decoder passes; ZeRO-3 gathers parameters collectively
+        # per module call, so ranks would diverge and hang: share only when each rank holds whole parameters.
+        share = not (int(engine.zero_optimization_stage()) == 3 and engine.world_size > 1)
+        out = engine(batch["input_ids"], batch["attention_mask"], loss_objective=objective, loss_batch=batch,
+                     dpo_beta=cfg.train.dpo_beta, share_prefix=share)
+        return out.loss, out.metrics
     out = engine(batch["input_ids"], batch["attention_mask"], need_base=need_base)
     if need_base:
         return compute_loss(objective, out.q_logits, out.base_logits, batch, cfg.q, cfg.train.dpo_beta)
@@ -511,8 +519,11 @@ def load_datasets(data_dir: str, materialize_train: bool = False) -> dict:
     out = {"train": ray.data.read_parquet(f"{data_dir}/train")}
     if materialize_train:
         out["train"] = out["train"].materialize()
-    if _exists(f"{data_dir}/eval"):
-        out["eval"] = ray.data.read_parquet(f"{data_dir}/eval").materialize()
+    if _exists(f"{data_dir}/eval"):  # small: read here with pyarrow (a Ray Data read job costs seconds)
+        import pyarrow.dataset as pads
+
+        fs, root = _fs(f"{data_dir}/eval")
+        out["eval"] = ray.data.from_arrow(pads.dataset(root, filesystem=fs, format="parquet").to_table())
     return out
 
 
@@ -576,6 +587,12 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
     t0 = time.time()
     init_ray(cfg)
     out_dir = _storage(str(out_dir))
+    replay = None
+    if cfg.train.objective == "replay":  # SFT on chosen + the base model's own answers (pipelines/replay.py)
+        from pipelines.replay import replay_data
+
+        replay = replay_data(cfg, data_dir, f"{out_dir}/replay_data")
+        data_dir = f"{out_dir}/replay_data"
     trainer, info = build_trainer(cfg, data_dir, storage_path=out_dir, name=run_name(cfg), ds_overrides=ds_overrides)
     print(f"[train] {cfg.train.objective}: {info['n_train']} train / {info['n_eval']} eval pairs, "
           f"{cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {info['total_steps']} steps -> {out_dir}",
@@ -600,6 +617,8 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
         "restarts": int(state.get("restarts", 0)), "partition": state.get("partition"), "seconds": seconds,
         "run_path": info["run_path"], "n_train": info["n_train"], "n_eval": info["n_eval"],
     }
+    if replay is not None:
+        out["replay"] = {k: v for k, v in replay.items() if k != "examples"}
     summary = {k: v for k, v in out.items() if k != "history"}
     _write_bytes(f"{out_dir}/metrics.json", json.dumps(summary, indent=2, default=str).encode())
     _write_bytes(f"{out_dir}/history.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())

@@ -69,6 +69,9 @@ class DataConfig:
 class TrainConfig:
     objective: str = "qadapter"  # qadapter | dpo | sft | replay
     dpo_beta: float = 0.1
+    fused: bool = True  # qadapter/dpo: the fused loss (qcore.fused); false = full [2B, L, V] logits (slower)
+    replay_fraction: float = 0.5  # replay: share of each epoch's rows that are the base model's own answers
+    replay_max_new_tokens: int = 64  # replay: length cap of those greedy answers
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -171,6 +174,8 @@ class Config:
             ("data.eval_fraction", 0 <= self.data.eval_fraction < 1, "must be in [0, 1)"),
             ("train.objective", self.train.objective in ("qadapter", "dpo", "sft", "replay"),
              "must be qadapter|dpo|sft|replay"),
+            ("train.replay_fraction", 0 <= self.train.replay_fraction < 1, "must be in [0, 1)"),
+            ("train.replay_max_new_tokens", self.train.replay_max_new_tokens >= 1, "must be >= 1"),
             ("train.num_workers", self.train.num_workers >= 1, "must be >= 1"),
             ("train.zero_stage", self.train.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
             ("train.schedule", self.train.schedule in ("linear", "cosine", "constant"), "must be linear|cosine|constant"),

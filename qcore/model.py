@@ -61,6 +61,8 @@ class QAdapterOutput(ModelOutput):
     base_logits: Optional[torch.Tensor] = None  # [B, L, V], adapter off, no grad; None when need_base=False
     alpha_0: Optional[float] = None  # the dial this output was made with (ModelOutput: non-first fields default None)
     alpha_tilde: Optional[float] = None
+    loss: Optional[torch.Tensor] = None  # forward(..., loss_objective=...): the fused loss, no logits
+    metrics: Optional[dict] = None
 
     @cached_property
     def base_logprobs(self) -> torch.Tensor:
@@ -198,7 +200,14 @@ class QAdapterModel(torch.nn.Module):
                             use_cache=False).logits
         return q, base
 
-    def forward(self, input_ids, attention_mask, need_base: bool = True) -> QAdapterOutput:
+    def forward(self, input_ids, attention_mask, need_base: bool = True, loss_objective: str | None = None,
+                loss_batch: dict | None = None, dpo_beta: float = 0.1, share_prefix: bool = True) -> QAdapterOutput:
+        """Q (and base) logits; or, with ``loss_objective`` and the collated ``loss_batch``, only the fused loss
+        (:meth:`fused_loss`) - through forward so that a DeepSpeed engine wraps it like any forward."""
+        if loss_objective is not None:
+            loss, metrics = self.fused_loss(loss_objective, loss_batch, dpo_beta, share_prefix=share_prefix)
+            return QAdapterOutput(alpha_0=self.q_config.alpha_0, alpha_tilde=self.q_config.alpha_tilde, loss=loss,
+                                  metrics=metrics)
         q, base = self.q_and_base_logits(input_ids, attention_mask, need_base=need_base)
         return QAdapterOutput(q, base, self.q_config.alpha_0, self.q_config.alpha_tilde)
 

@@ -43,9 +43,11 @@ def ray_session():
     2 cores otherwise deadlock (see docs/environment notes). The dashboard stays on: Tune needs it."""
     import ray
 
+    from pipelines.common import WORKER_ENV  # what the pipelines give their workers (threads, Ray Data, reports)
+
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
+                 runtime_env={"env_vars": WORKER_ENV})
     yield ray
     ray.shutdown()
 

@@ -274,6 +274,24 @@ def test_model_fused_loss_equals_logits_path(arch, objective, variant, alignment
         assert rel < (1e-12 if (arch == "gpt2" or not share) else 1e-6), rel
 
 
+def test_forward_with_loss_objective_is_the_fused_loss():
+    """The entry the trainer uses (through DeepSpeed's engine forward): forward(loss_objective=...) returns the fused
+    loss and metrics, and no logits."""
+    hf, acfg = _llama64()
+    model = QAdapterModel.from_model(hf, acfg, _cfg())
+    _perturb(model)
+    batch = _pair_batch()
+    want, want_m = model.fused_loss("dpo", batch, dpo_beta=0.3)
+    q, base = model.q_and_base_logits(batch["input_ids"], batch["attention_mask"])
+    out = model(batch["input_ids"], batch["attention_mask"], loss_objective="dpo", loss_batch=batch, dpo_beta=0.3)
+    assert out.q_logits is None and out.base_logits is None
+    assert float(out.loss) == pytest.approx(float(want), rel=1e-12)
+    assert float(out.loss) == pytest.approx(float(losses.compute_loss("dpo", q, base, batch, model.q_config, 0.3)[0]),
+                                            rel=1e-9)
+    assert out.metrics == pytest.approx(want_m)
+    assert out.loss.requires_grad
+
+
 @pytest.mark.parametrize("max_groups", [1, 2, 4, 100])
 def test_shared_prefix_hidden_states_equal_full_pass(max_groups):
     hf, acfg = _llama64()

@@ -180,12 +180,18 @@ class Cluster:
 def cluster():
     c = Cluster()
     t0 = time.time()
+
+    def _on_sigterm(signum, frame):  # e.g. an outer `timeout`: still end our process groups (finally below)
+        raise SystemExit(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         attempt = c.start()
         print(f"2-node cluster up in {time.time() - t0:.1f}s (attempt {attempt})")
         yield c
     finally:
         c.stop()
+        signal.signal(signal.SIGTERM, previous)
     for p in c.procs:  # the groups are gone
         with pytest.raises(ProcessLookupError):
             os.killpg(p.pid, 0)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 _YES = ["Yes. I think so.", "Yes, here is a short answer.", "Yes. Paris.", "I think so, yes."]
 _NO = ["No.", "Maybe. No.", "No, no.", "Maybe."]
@@ -27,7 +26,8 @@ def write_pref_parquet(out_dir: Path, model_dir: str, n_train: int = 48, n_eval:
     rows = []
     for i in range(n_train + n_eval):
         pair = {"prompt": _PROMPTS[i % len(_PROMPTS)], "chosen": _YES[i % len(_YES)], "rejected": _NO[(i // 2) % len(_NO)]}
-        rows.append(tokenize_pair(pair, tok, max_length=64, max_prompt_length=32))
+        rows.append({"prompt_json": json.dumps(pair["prompt"]), "chosen": pair["chosen"],
+                     **tokenize_pair(pair, tok, max_length=64, max_prompt_length=32)})
     for split, part in (("train", rows[:n_train]), ("eval", rows[n_train:])):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
         pd.DataFrame(part).to_parquet(out_dir / split / "part-0.parquet")
@@ -50,11 +50,30 @@ def tiny_cfg(tmp_path: Path, **train):
     })
 
 
+def test_plan_and_deepspeed_config():
+    """No Ray: every rank gets the same micro-batch count from the global row count; the DeepSpeed config."""
+    from pipelines.train import ds_config, plan_steps
+
+    cfg = tiny_cfg(Path("/tmp"), micro_batch_size=2, grad_accumulation=3, max_steps=-1, epochs=2)
+    plan = plan_steps(cfg, n_train=47, world=2)  # 23 rows per rank (Ray's equal split drops one), 11 batches
+    assert plan == {"micro_batches_per_epoch": 11, "total_steps": 2 * 11 // 3, "rows_per_rank": 23}
+    assert plan_steps(tiny_cfg(Path("/tmp"), max_steps=5), 48, 2)["total_steps"] == 5
+    with pytest.raises(ValueError, match="too few"):
+        plan_steps(cfg, n_train=3, world=2)
+    conf = ds_config(cfg, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    assert conf["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert conf["gradient_accumulation_steps"] == 3 and conf["train_micro_batch_size_per_gpu"] == 2
+    assert conf["bf16"]["enabled"] is False and conf["gradient_clipping"] == 1.0
+    assert "optimizer" not in conf  # the client torch AdamW: no FusedAdam / cpu_adam op to compile
+
+
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory, tiny_model_dir):
     return write_pref_parquet(tmp_path_factory.mktemp("prefdata"), tiny_model_dir)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
@@ -120,6 +139,8 @@ def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_d
     assert 1 <= len(kept) <= 2
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tmp_path):
     from pipelines.train import FAIL_MARKER, train_stage
@@ -138,6 +159,8 @@ def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tm
     assert out["metrics"]["resume_adapter_max_abs_diff"] < 1e-7
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("objective", ["dpo", "sft"])
 def test_objectives_run(ray_session, pref_data, tmp_path, objective):
@@ -158,3 +181,58 @@ def test_objectives_run(ray_session, pref_data, tmp_path, objective):
         assert "logps/chosen" in out["metrics"] and "rewards/margins" not in out["metrics"]
         assert out["history"][-1]["eval_loss"] < out["history"][0]["eval_loss"]
     assert (Path(out["adapter_dir"]) / "adapter_model.safetensors").exists()
+
+
+def test_replay_counts_and_interleave():
+    """No Ray: the replay epoch has the pair epoch's size with replay_fraction of it base answers."""
+    from pipelines.replay import interleave, replay_counts
+
+    # budget = min(48 rows, 5 steps x 2 rows x 1 accumulation x 2 workers = 20); 10 wanted, 6 distinct prompts
+    assert replay_counts(tiny_cfg(Path("/tmp"), max_steps=5), n_train=48, n_prompts=6) == (14, 6)
+    assert replay_counts(tiny_cfg(Path("/tmp"), max_steps=5), n_train=48, n_prompts=60) == (10, 10)
+    # epochs: the whole pair epoch, a quarter of it replaced
+    assert replay_counts(tiny_cfg(Path("/tmp"), max_steps=-1, replay_fraction=0.25), 48, 60) == (36, 12)
+    # chosen at (i+.5)/3 = .17 .5 .83, replay at .5: ties keep chosen first
+    assert interleave(["a", "b", "c"], ["X"]) == ["a", "b", "X", "c"]
+    assert interleave(["a", "b"], ["X", "Y"]) == ["a", "X", "b", "Y"]
+    assert interleave(["a"], []) == ["a"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_replay_objective_trains_on_base_answers(ray_session, pref_data, tiny_model_dir, tmp_path):
+    """replay: the mix holds the base model's own greedy answers (checked against transformers' generate on the
+    same base weights) interleaved with chosen responses, and training runs on it."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.train import train_stage
+    from qcore.data import encode_prompt, tokenize_sft
+
+    cfg = tiny_cfg(tmp_path, objective="replay", num_workers=1, zero_stage=2, max_steps=4, report_every=2,
+                   checkpoint_every=4, replay_max_new_tokens=8)
+    out = train_stage(cfg, pref_data, str(tmp_path / "train"))
+    assert out["steps"] == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in out["history"])
+    rep = out["replay"]
+    assert (rep["chosen_rows"], rep["replay_requested"]) == (4, 4)  # budget 4 steps x 2 rows, half replayed
+    assert rep["replay_rows"] + rep["replay_dropped"] == 4
+    rows = pq.read_table(tmp_path / "train" / "replay_data" / "train").to_pylist()
+    assert len(rows) == 4 + rep["replay_rows"] and {r["kind"] for r in rows} <= {"chosen", "replay"}
+    assert pq.read_table(tmp_path / "train" / "replay_data" / "eval").num_rows == 8
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    replayed = [r for r in rows if r["kind"] == "replay"]
+    assert replayed, "every base answer was dropped: nothing was replayed"
+    for r in replayed:
+        prompt = json.loads(r["prompt_json"])
+        ids = torch.tensor([encode_prompt(prompt, tok)])
+        with torch.no_grad():
+            gen = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        want = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert r["response"] == want
+        assert r["input_ids"] == tokenize_sft({"prompt": prompt, "response": want}, tok, 512, 256)["input_ids"]
+    chosen = [r["response"] for r in rows if r["kind"] == "chosen"]
+    assert chosen == [_YES[i % len(_YES)] for i in range(4)]  # the first pair rows, in order

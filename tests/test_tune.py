@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
 
 def _pref_parquet(out_dir: Path, model_dir: str, n_train: int = 16, n_eval: int = 4) -> str:
     """Tokenized pair rows (as preprocess writes them) of a tiny synthetic preference, as Parquet train/ + eval/."""
@@ -26,6 +24,32 @@ def _pref_parquet(out_dir: Path, model_dir: str, n_train: int = 16, n_eval: int 
     return str(out_dir)
 
 
+def test_space_and_trial_plan():
+    """No Ray: the search space builder, its errors, and the per-trial plan."""
+    from ray import tune
+
+    from pipelines.tune import build_space, reports_per_trial, trial_config
+    from qcore.config import ConfigError, config_from_dict
+
+    space = build_space({"adapter.rank": {"type": "choice", "values": [4, 8]},
+                         "train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+                         "q.beta": {"type": "uniform", "low": 0.0, "high": 1.0}})
+    assert isinstance(space["adapter.rank"], tune.search.sample.Categorical)
+    assert space["train.lr"].lower == 1e-5 and space["train.lr"].upper == 1e-3
+    with pytest.raises(ConfigError, match="tune.space.q.beta"):
+        build_space({"q.beta": {"type": "loguniform", "low": 0.0, "high": 1.0}})
+    with pytest.raises(ConfigError, match="tune.space.q.beta"):
+        build_space({"q.beta": {"type": "normal", "low": 0.0, "high": 1.0}})
+    cfg = config_from_dict({"train": {"num_workers": 2, "max_steps": 10, "fail_at_step": 3, "report_every": 3,
+                                      "checkpoint_every": 4, "micro_batch_size": 2},
+                            "tune": {"num_workers": 1, "max_steps": 9}})
+    trial = trial_config(cfg)
+    assert (trial.train.num_workers, trial.train.max_steps, trial.train.fail_at_step) == (1, 9, -1)
+    assert reports_per_trial(trial, n_train=64) == 5  # steps 3, 4, 6, 8, 9
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path):
     from pipelines.tune import tune_stage
