@@ -187,9 +187,10 @@ def _loss(engine, batch: dict, cfg: Config):
     objective = cfg.train.objective
     need_base = objective in BASE_OBJECTIVES
     if need_base and cfg.train.fused:  # qcore.fused: LM head on response positions only
-        # Prefix sharing runs a data-dependent number of decoder passes; ZeRO-3 gathers parameters collectively
-        # per module call, so ranks would diverge and hang: share only when each rank holds whole parameters.
-        share = not (int(engine.zero_optimization_stage()) == 3 and engine.world_size > 1)
+        # Prefix sharing runs a data-dependent number of decoder passes. ZeRO-3 gathers parameters collectively
+        # per module call (ranks would diverge and hang) and replays a recorded module order (a changing order
+        # invalidates it every step): share only when each rank holds whole parameters.
+        share = int(engine.zero_optimization_stage()) < 3
         out = engine(batch["input_ids"], batch["attention_mask"], loss_objective=objective, loss_batch=batch,
                      dpo_beta=cfg.train.dpo_beta, share_prefix=share)
         return out.loss, out.metrics

@@ -4,7 +4,6 @@ Each node is `ray start --block` in its own process group (a new session); the t
 afterwards, never a broad `ray stop`. Every port is picked here and the temp dir is the test's own, so other Ray
 sessions on the machine are untouched.
 """
-import importlib.util
 import json
 import os
 import re
@@ -197,10 +196,6 @@ def cluster():
             os.killpg(p.pid, 0)
 
 
-def _stages_ready():
-    return all(importlib.util.find_spec(f"pipelines.{m}") is not None for m in ("train", "tune", "evaluate", "report"))
-
-
 def _check_upload(out: str, storage: Path, manifest: dict):
     """The working dir went up without .venv (honouring .gitignore): small, and the unpacked copy has no .venv."""
     sizes = re.findall(r"Uploading package \S+ \(([\d.]+)(KiB|MiB|GiB)\)", out)
@@ -215,25 +210,8 @@ def _check_upload(out: str, storage: Path, manifest: dict):
 
 
 @pytest.mark.timeout(1800)  # includes starting the cluster (retried on a loaded machine)
-def test_job_submit_preprocess_on_two_nodes(cluster, tmp_path):
-    storage = tmp_path / "runs"
-    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage),
-                                               "--stop-after", "preprocess")
-    print(f"job {job_id}: {wall:.1f}s")
-    assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout[-4000:], out.stderr[-4000:])
-    assert "succeeded" in (status.stdout + status.stderr).lower()
-    manifest = json.loads((storage / "tiny" / "manifest.json").read_text())
-    pre = manifest["stages"]["preprocess"]
-    assert pre["status"] == "finished"
-    stats = json.loads(Path(pre["outputs"]["stats_path"]).read_text())
-    assert stats["read"] == 64 and stats["kept"] + stats["rejected"] == 64
-    assert "64 read, 64 kept, 0 rejected" in out.stdout
-    _check_upload(out.stdout + out.stderr, storage, manifest)
-
-
-@pytest.mark.timeout(1800)
-@pytest.mark.skipif(not _stages_ready(), reason="train/tune/evaluate/report stages not written yet")
 def test_job_submit_full_pipeline_on_two_nodes(cluster, tmp_path):
+    """The tiny profile end to end, submitted with `ray job submit --working-dir .` to the 2-node cluster."""
     storage = tmp_path / "runs"
     job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage),
                                                timeout=1700)
@@ -243,6 +221,10 @@ def test_job_submit_full_pipeline_on_two_nodes(cluster, tmp_path):
     manifest = json.loads((storage / "tiny" / "manifest.json").read_text())
     stages = manifest["stages"]
     assert all(e["status"] == "finished" for e in stages.values()), stages
+    stats = json.loads(Path(stages["preprocess"]["outputs"]["stats_path"]).read_text())
+    assert (stats["read"], stats["kept"], stats["rejected"]) == (64, 64, 0)
+    assert "64 read, 64 kept, 0 rejected" in out.stdout
+    _check_upload(out.stdout + out.stderr, storage, manifest)
     train = stages["train/qadapter"]["outputs"]
     assert (Path(train["adapter_dir"]) / "adapter_model.safetensors").exists()
     assert train["metrics"], train
@@ -253,3 +235,13 @@ def test_job_submit_full_pipeline_on_two_nodes(cluster, tmp_path):
     assert len(trials) >= 2, trials
     assert Path(tune["results_md"]).exists()
     assert (storage / "tiny" / "report.md").exists()
+    assert "artifacts of run 'tiny'" in out.stdout
+
+    # the same job again: every stage's key matches a finished manifest entry, nothing runs
+    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage))
+    print(f"job {job_id} (all cached): {wall:.1f}s")
+    assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout[-6000:], out.stderr[-4000:])
+    for name in ("preprocess", "tune", "train/qadapter", "evaluate", "report"):
+        assert f"skip {name} (cached)" in out.stdout, name
+    log = json.loads((storage / "tiny" / "manifest.json").read_text())["log"]
+    assert [e["event"] for e in log].count("run") == 5, log
