@@ -72,7 +72,8 @@ def make_cfg(args, storage: str):
     return config_from_dict({
         "model": {"path": args.model},
         "data": {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length},
-        "train": {"objective": "qadapter", "num_workers": args.workers, "cpus_per_worker": 1.0, "zero_stage": 3,
+        "train": {"objective": "qadapter", "num_workers": args.workers, "cpus_per_worker": 1.0,
+                  "zero_stage": args.zero_stage,
                   "micro_batch_size": args.micro_batch, "grad_accumulation": 1, "max_steps": args.steps,
                   "report_every": args.report_every, "checkpoint_every": args.checkpoint_every,
                   "keep_checkpoints": 1, "lr": 3e-4, "schedule": "linear", "warmup_ratio": 0.1},
@@ -212,6 +213,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--max-prompt-length", type=int, default=64)
@@ -234,7 +236,8 @@ def main(argv=None):
     from qcore.base_models import resolve_model_path
 
     _common.header("Ray Train stage vs the same steps in-process", model=args.model, steps=args.steps,
-                   workers=args.workers, micro_batch=args.micro_batch, max_length=args.max_length,
+                   workers=args.workers, zero_stage=args.zero_stage, micro_batch=args.micro_batch,
+                   max_length=args.max_length,
                    report_every=args.report_every, checkpoint_every=args.checkpoint_every,
                    command=" ".join([os.path.relpath(sys.executable), *sys.argv]))
     work = tempfile.mkdtemp(prefix="bench_ray_")

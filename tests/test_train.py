@@ -162,11 +162,11 @@ def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tm
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("objective", ["dpo", "sft"])
-def test_objectives_run(ray_session, pref_data, tmp_path, objective):
+def test_dpo_objective_and_linear_schedule(ray_session, pref_data, tmp_path):
+    """DPO on the same trainer (ZeRO-2, one worker); sft's path (no base pass) runs in the replay test below."""
     from pipelines.train import train_stage
 
-    cfg = tiny_cfg(tmp_path, objective=objective, num_workers=1, zero_stage=2, max_steps=2, report_every=1,
+    cfg = tiny_cfg(tmp_path, objective="dpo", num_workers=1, zero_stage=2, max_steps=2, report_every=1,
                    checkpoint_every=2, schedule="linear", lr=1e-2)
     out = train_stage(cfg, pref_data, str(tmp_path / "train"))
     assert out["steps"] == 2 and [h["step"] for h in out["history"]] == [1, 2]
@@ -174,12 +174,8 @@ def test_objectives_run(ray_session, pref_data, tmp_path, objective):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in out["history"])
     # the linear schedule is wired through DeepSpeed: lr after each step (1e-2 -> 5e-3 -> 0)
     assert [h["lr"] for h in out["history"]] == pytest.approx([5e-3, 0.0])
-    if objective == "dpo":
-        assert "rewards/margins" in out["metrics"] and "eval_rewards/accuracies" in out["metrics"]
-        assert out["history"][0]["loss"] == pytest.approx(0.6931, abs=0.05)  # log 2: policy == reference at start
-    else:
-        assert "logps/chosen" in out["metrics"] and "rewards/margins" not in out["metrics"]
-        assert out["history"][-1]["eval_loss"] < out["history"][0]["eval_loss"]
+    assert "rewards/margins" in out["metrics"] and "eval_rewards/accuracies" in out["metrics"]
+    assert out["history"][0]["loss"] == pytest.approx(0.6931, abs=0.05)  # log 2: policy == reference at start
     assert (Path(out["adapter_dir"]) / "adapter_model.safetensors").exists()
 
 
@@ -214,6 +210,7 @@ def test_replay_objective_trains_on_base_answers(ray_session, pref_data, tiny_mo
                    checkpoint_every=4, replay_max_new_tokens=8)
     out = train_stage(cfg, pref_data, str(tmp_path / "train"))
     assert out["steps"] == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in out["history"])
+    assert "logps/chosen" in out["metrics"] and "rewards/margins" not in out["metrics"]  # SFT metrics, no base pass
     rep = out["replay"]
     assert (rep["chosen_rows"], rep["replay_requested"]) == (4, 4)  # budget 4 steps x 2 rows, half replayed
     assert rep["replay_rows"] + rep["replay_dropped"] == 4
