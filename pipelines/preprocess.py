@@ -135,14 +135,27 @@ def _hf_source(entry: str) -> dict:
     return {"source": entry, "kind": "hf", "files": files}
 
 
+HASH_LIMIT = 1 << 30  # local files up to 1 GiB are keyed by content; larger ones and URIs by size + mtime
+
+
 def fingerprint(train_files: list[str]) -> list[dict]:
-    """Each input file's path, size and modification time (part of the preprocess key; no content hashing)."""
+    """Each input file's path, size and sha256 (local files <= HASH_LIMIT) or mtime (part of the preprocess key).
+    Content, not mtime: `ray job submit --working-dir` unpacks the files anew (new mtimes) for a later job."""
     out = []
     for src in list_sources(train_files):
         for f in src["files"]:
             fs, path = common.resolve_fs(f)
             info = fs.get_file_info(path)
-            out.append({"file": f, "size": info.size, "mtime_ns": info.mtime_ns})
+            entry = {"file": f, "size": info.size}
+            if "://" not in f and info.size is not None and info.size <= HASH_LIMIT:
+                digest = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+                entry["sha256"] = digest.hexdigest()
+            else:
+                entry["mtime_ns"] = info.mtime_ns
+            out.append(entry)
     return out
 
 
@@ -331,7 +344,7 @@ def stage_config(cfg: Config) -> dict:
 
 
 def preprocess_key(cfg: Config) -> tuple[str, dict, dict]:
-    """(key, config sections, inputs) of the preprocess stage: inputs are the files' path/size/mtime."""
+    """(key, config sections, inputs) of the preprocess stage: inputs are the files' path/size/content hash."""
     config = stage_config(cfg)
     inputs = {"files": fingerprint(cfg.data.train_files)}
     return common.stage_key({"config": config, "inputs": inputs}), config, inputs

@@ -190,7 +190,8 @@ def _loss(engine, batch: dict, cfg: Config):
         # Prefix sharing runs a data-dependent number of decoder passes. ZeRO-3 gathers parameters collectively
         # per module call (ranks would diverge and hang) and replays a recorded module order (a changing order
         # invalidates it every step): share only when each rank holds whole parameters.
-        share = int(engine.zero_optimization_stage()) < 3
+        stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0  # bare model
+        share = int(stage) < 3
         out = engine(batch["input_ids"], batch["attention_mask"], loss_objective=objective, loss_batch=batch,
                      dpo_beta=cfg.train.dpo_beta, share_prefix=share)
         return out.loss, out.metrics
