@@ -8,7 +8,7 @@ pinned softly to the driver's node so local storage paths mean the same thing fo
 The driver joins them in order and records each in ``<storage_path>/<run.name>/manifest.json``.
 
 Stage keys (12 hex of sha256 over the stage's config sections and its inputs' keys):
-    preprocess       model.path/trust_remote_code, data (not fail_fast), each input file's path/size/mtime
+    preprocess       model.path/trust_remote_code, data (not fail_fast), each input file's path/size/sha256
     tune             model, adapter, q, train, tune, run.seed + the preprocess key
     train/<method>   model, adapter, q, train (objective=<method>, tune's best_overrides applied to qadapter),
                      run.seed + the preprocess key (+ the tune key for qadapter)
