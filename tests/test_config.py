@@ -32,6 +32,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         (["--q.variant", "other"], "q.variant"),
         (["--q.mask_alignment", "left"], "q.mask_alignment"),
         (["--train.num_workers", "1.5"], "train.num_workers"),
+        (["--train.replay_fraction", "1"], "train.replay_fraction"),
+        (["--train.replay_max_new_tokens", "0"], "train.replay_max_new_tokens"),
         (["--data.max_prompt_length", "600"], "data.max_prompt_length"),
         (["--tune.space", '{"adapter.rnk": {"type": "choice", "values": [1]}}'], "adapter.rnk"),
         (["--train.lr"], "train.lr"),
