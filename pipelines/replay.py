@@ -79,10 +79,12 @@ class BaseAnswers:
         return cols
 
 
+CHOSEN_COLUMNS = ["prompt_json", "chosen", "chosen_input_ids", "chosen_response_mask", "prompt_length"]
+
+
 def _chosen_rows(table) -> list[dict]:
     """Pair rows (Arrow) -> SFT rows of their chosen responses."""
-    rows = table.select(["prompt_json", "chosen", "chosen_input_ids", "chosen_response_mask",
-                         "prompt_length"]).to_pylist()
+    rows = table.select(CHOSEN_COLUMNS).to_pylist()
     return [{"kind": "chosen", "prompt_json": r["prompt_json"], "response": r["chosen"],
              "input_ids": r["chosen_input_ids"], "response_mask": r["chosen_response_mask"],
              "prompt_length": r["prompt_length"]} for r in rows]
@@ -114,14 +116,16 @@ def replay_data(cfg: Config, data_dir: str, out_dir: str) -> dict[str, Any]:
 
     t0 = time.time()
     fs, root = resolve_fs(data_dir)
-    train = pads.dataset(f"{root}/train", filesystem=fs, format="parquet").to_table()
-    missing = {"prompt_json", "chosen"} - set(train.column_names)
+    train = pads.dataset(f"{root}/train", filesystem=fs, format="parquet")
+    missing = {"prompt_json", "chosen"} - set(train.schema.names)
     if missing:
         raise ValueError(f"{data_dir}/train lacks {sorted(missing)}: replay needs the pair rows that "
                          f"pipelines/preprocess.py writes")
-    prompts = list(dict.fromkeys(train.column("prompt_json").to_pylist()))  # distinct, in first-seen order
-    n_chosen, n_replay = replay_counts(cfg, train.num_rows, len(prompts))
-    chosen = _chosen_rows(train.slice(0, n_chosen))
+    n_train = train.count_rows()
+    # only the prompt column in full; token columns just for the rows kept (a large split stays on disk)
+    prompts = list(dict.fromkeys(train.to_table(columns=["prompt_json"]).column("prompt_json").to_pylist()))
+    n_chosen, n_replay = replay_counts(cfg, n_train, len(prompts))
+    chosen = _chosen_rows(train.head(n_chosen, columns=CHOSEN_COLUMNS))
 
     replay: list[dict] = []
     if n_replay:
@@ -141,7 +145,7 @@ def replay_data(cfg: Config, data_dir: str, out_dir: str) -> dict[str, Any]:
     if fs.get_file_info(f"{root}/eval").type.name == "Directory":
         _write(_chosen_rows(pads.dataset(f"{root}/eval", filesystem=fs, format="parquet").to_table()),
                f"{out_dir}/eval")
-    summary = {"pairs": train.num_rows, "distinct_prompts": len(prompts), "chosen_rows": len(chosen),
+    summary = {"pairs": n_train, "distinct_prompts": len(prompts), "chosen_rows": len(chosen),
                "replay_rows": len(replay), "replay_requested": n_replay,
                "replay_dropped": n_replay - len(replay),  # empty answers or prompts over max_length
                "replay_fraction": cfg.train.replay_fraction, "seconds": round(time.time() - t0, 3),
