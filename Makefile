@@ -18,7 +18,7 @@ demo: setup
 	$(PY) pipelines/full.py
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs

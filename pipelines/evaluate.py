@@ -304,6 +304,10 @@ class PolicyEvaluator:
         from qcore.metrics import kl_sum_and_count, token_kl
 
         kl_mode = kl_mode or self.kl_mode
+        if self.loaded is None and alpha_0 == 0 and alpha_tilde == 1:  # the base policy itself: KL 0 exactly
+            want_kl = False
+        # alpha_0 == 0: the policy reads no base logits, so the adapter-off pass runs only when the KL needs it
+        need_base = alpha_0 != 0 or want_kl
         ids, mask = self._encode_left(prompts)
         p = ids.shape[1]
         steps: list = []
@@ -322,7 +326,8 @@ class PolicyEvaluator:
             with torch.no_grad():
                 out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens or self.max_new_tokens,
                                           do_sample=False, alpha_0=alpha_0, alpha_tilde=alpha_tilde,
-                                          eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id)
+                                          eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                          need_base=need_base)
         finally:
             if record:
                 del self.model.customized_logits

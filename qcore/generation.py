@@ -110,12 +110,20 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              alpha_0: Optional[float] = None, alpha_tilde: Optional[float] = None,
              eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, stop_when_finished: bool = True) -> torch.LongTensor:
+             generator: Optional[torch.Generator] = None, stop_when_finished: bool = True,
+             need_base: bool = True) -> torch.LongTensor:
     """Batched generation from pi_custom with two KV caches. input_ids: [B, P] LEFT padded (attention_mask 0 on
     pads). Returns [B, P + n] (prompt + new tokens, n <= max_new_tokens; stops early when every row hit EOS),
     like HF generate. alpha_0 / alpha_tilde None = the model's QConfig (the dial). stop_when_finished=False always
     runs max_new_tokens steps (finished rows emit pad): every rank then does the same number of forwards, which
-    ZeRO-3 sharded models need (each forward gathers parameters collectively)."""
+    ZeRO-3 sharded models need (each forward gathers parameters collectively). need_base=False (only with
+    alpha_0 == 0, where pi_custom = softmax(Q / alpha_tilde) does not read the base) skips the adapter-off pass and
+    its cache: half the forwards, for plain-adapter policies and the base model itself (a fresh adapter's Q is the
+    base)."""
+    if not need_base:
+        a0 = model.q_config.alpha_0 if alpha_0 is None else alpha_0
+        if a0 != 0:
+            raise ValueError(f"need_base=False needs alpha_0 == 0 (the policy reads the base logits), got {a0}")
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs LEFT padded prompts: some row's last attention_mask entry is 0")
     caches = {"q": new_cache(model.config), "base": new_cache(model.config)}
@@ -125,7 +133,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         new = ids if t == 0 else ids[:, -1:]
         pos = positions_from_mask(mask)[:, -new.shape[1]:]
         q = _run(model, new, mask, pos, caches["q"], adapter_on=True)
-        base = _run(model, new, mask, pos, caches["base"], adapter_on=False)
+        base = _run(model, new, mask, pos, caches["base"], adapter_on=False) if need_base else None
         return q, base
 
     return _decode_loop(model, input_ids, attention_mask, step, max_new_tokens, do_sample, temperature, top_k, top_p,

@@ -38,11 +38,16 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def customized_logits(q_logits, base_logits, alpha_0: float, alpha_tilde: float) -> torch.Tensor:
-    """(Q + alpha_0 * log_softmax(z_base)) / alpha_tilde, in float32 (any input dtype)."""
+    """(Q + alpha_0 * log_softmax(z_base)) / alpha_tilde, in float32 (any input dtype). base_logits may be None
+    when alpha_0 == 0 (the policy is then Q / alpha_tilde: no base pass is needed)."""
     if alpha_tilde <= 0:
         raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
     if alpha_0 < 0:
         raise ValueError(f"alpha_0 must be >= 0, got {alpha_0}")
+    if base_logits is None:
+        if alpha_0 != 0:
+            raise ValueError(f"alpha_0 = {alpha_0} needs the base logits (the base pass was skipped)")
+        return q_logits.float() / alpha_tilde
     base_logprobs = F.log_softmax(base_logits.float(), dim=-1)
     return (q_logits.float() + alpha_0 * base_logprobs) / alpha_tilde
 

@@ -229,3 +229,21 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
+
+
+def test_skipping_the_base_pass_at_alpha_0_zero(tiny_model):
+    """need_base=False runs one pass per token: with alpha_0 = 0 the policy is softmax(Q / alpha_tilde), so the
+    samples equal the two-pass run's; with alpha_0 > 0 it would silently drop log pi_pre, so it is refused."""
+    model = _model(tiny_model, q_cfg=QConfig(alpha_0=0.0, alpha_tilde=0.7))
+    ids, mask, _ = _prompts()
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.0, eos_token_id=[])
+    calls = []
+    hook = model.peft_model.register_forward_hook(lambda *a: calls.append(1))
+    one = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), need_base=False, **kw)
+    n_one = len(calls)
+    two = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    hook.remove()
+    assert torch.equal(one, two)
+    assert (n_one, len(calls) - n_one) == (10, 20)  # one forward per token vs two
+    with pytest.raises(ValueError, match="alpha_0 == 0"):
+        generate(model, ids, mask, max_new_tokens=2, alpha_0=0.1, need_base=False)
