@@ -445,23 +445,6 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a local file or a pyarrow-filesystem URI (s3://, gs://)."""
-    if "://" in path and not path.startswith("file://"):
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-        return
-    path = path[len("file://"):] if path.startswith("file://") else path
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------------
@@ -566,6 +549,8 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
         "generations_path": f"{out_dir}/generations.jsonl",
     }
     results = _json_safe(results)
+    from pipelines.common import write_text
+
     write_text(f"{out_dir}/generations.jsonl", "\n".join(gen_lines) + "\n")
     write_text(f"{out_dir}/results.json", json.dumps(results, indent=2, sort_keys=True))
     return results

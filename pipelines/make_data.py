@@ -380,7 +380,7 @@ def build_pairs(out: Path, samples: list[dict], *, margin: float, max_pairs_per_
     raw = [r for r in cands if r["source"] == "sample"]
     cuts = [r for r in cands if r["source"] == "cut"]
     return {
-        "margin": margin, "max_pairs_per_prompt": max_pairs_per_prompt, "cut_words": cut_words,
+        "margin": margin, "max_pairs_per_prompt": max_pairs_per_prompt, "cut_target_words": cut_words,
         "require_complete_chosen": True, "num_candidates": len(cands), "num_cuts": len(cuts),
         "num_pairs": len(pairs), "prompts_with_pairs": len({p["prompt"] for p in pairs}),
         "pairs_chosen_is_cut": sum(1 for p in pairs if p["chosen"] in {c["response"] for c in cuts}),

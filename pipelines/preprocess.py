@@ -31,7 +31,6 @@ chosen, rejected`` + the tokenized pair row of docs/architecture.md), ``rejects.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import sys

@@ -44,7 +44,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from pipelines.common import cli_config, init_ray, stage_dir  # noqa: E402
+from pipelines.common import cli_config, exists, init_ray, remove, resolve_fs, stage_dir, write_text  # noqa: E402
 from qcore.config import Config, config_from_dict  # noqa: E402
 
 logger = logging.getLogger("qadapter.train")
@@ -59,38 +59,12 @@ PROBE_LENGTH = 16
 BASE_OBJECTIVES = ("qadapter", "dpo")  # objectives that need the base (adapter-off) pass
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Storage helpers: local paths or any pyarrow filesystem URI (s3://, gs://)
-# ----------------------------------------------------------------------------------------------------------------
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    if "://" in str(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), os.path.abspath(str(path))
-
-
-def _exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, p = _fs(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    fs, p = _fs(path)
-    fs.create_dir(os.path.dirname(p), recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(data)
-
-
 def _copy_local_dir(src: str, dst: str) -> None:
     """Replace ``dst`` (local path or URI) by a copy of the local directory ``src``."""
     import pyarrow.fs as pafs
 
-    fs, p = _fs(dst)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
-        fs.delete_dir(p)
+    remove(dst)
+    fs, p = resolve_fs(dst)
     fs.create_dir(p, recursive=True)
     pafs.copy_files(src, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
@@ -485,8 +459,8 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 infos = [info]
             state["partition"] = infos
-        if rank == 0 and step == tc.fail_at_step and not _exists(config["fail_marker"]):
-            _write_bytes(config["fail_marker"], f"rank 0 exited at step {step}\n".encode())
+        if rank == 0 and step == tc.fail_at_step and not exists(config["fail_marker"]):
+            write_text(config["fail_marker"], f"rank 0 exited at step {step}\n")
             print(f"[train] fault injection: rank 0 exits at step {step}", flush=True)
             os._exit(1)
         do_ckpt = step >= total_steps or bool(ckpt_every and step % ckpt_every == 0)
@@ -516,15 +490,15 @@ def load_datasets(data_dir: str, materialize_train: bool = False) -> dict:
     import ray.data
 
     data_dir = str(data_dir).rstrip("/")
-    if not _exists(f"{data_dir}/train"):
+    if not exists(f"{data_dir}/train"):
         raise FileNotFoundError(f"no training data: {data_dir}/train (run pipelines/preprocess.py first)")
     out = {"train": ray.data.read_parquet(f"{data_dir}/train")}
     if materialize_train:
         out["train"] = out["train"].materialize()
-    if _exists(f"{data_dir}/eval"):  # small: read here with pyarrow (a Ray Data read job costs seconds)
+    if exists(f"{data_dir}/eval"):  # small: read here with pyarrow (a Ray Data read job costs seconds)
         import pyarrow.dataset as pads
 
-        fs, root = _fs(f"{data_dir}/eval")
+        fs, root = resolve_fs(f"{data_dir}/eval")
         out["eval"] = ray.data.from_arrow(pads.dataset(root, filesystem=fs, format="parquet").to_table())
     return out
 
@@ -622,8 +596,8 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
     if replay is not None:
         out["replay"] = {k: v for k, v in replay.items() if k != "examples"}
     summary = {k: v for k, v in out.items() if k != "history"}
-    _write_bytes(f"{out_dir}/metrics.json", json.dumps(summary, indent=2, default=str).encode())
-    _write_bytes(f"{out_dir}/history.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+    write_text(f"{out_dir}/metrics.json", json.dumps(summary, indent=2, default=str))
+    write_text(f"{out_dir}/history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     print(f"[train] done: {out['steps']} steps in {seconds:.1f}s, final loss {final.get('loss')}, "
           f"eval_loss {final.get('eval_loss')}; adapter -> {adapter_dir}", flush=True)
     return out

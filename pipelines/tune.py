@@ -218,19 +218,19 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
         rows.sort(key=lambda row: (row[sort_col] is None,
                                    (row[sort_col] if tc.mode == "min" else -row[sort_col])
                                    if row[sort_col] is not None else 0))
-    from pipelines.train import _write_bytes
+    from pipelines.common import write_text
 
     results_csv, results_md = f"{out_dir}/results.csv", f"{out_dir}/results.md"
-    _write_bytes(results_csv, pd.DataFrame(rows, columns=header).to_csv(index=False).encode())
+    write_text(results_csv, pd.DataFrame(rows, columns=header).to_csv(index=False))
     md = (f"# Tune: {num_trials} trials, {tc.scheduler}, {tc.metric} ({tc.mode})\n\n"
           + _md_table(header, rows)
           + f"\nBest: {json.dumps(best_overrides)} -> {tc.metric} = {best_value:.6g}\n")
-    _write_bytes(results_md, md.encode())
+    write_text(results_md, md)
     best_cfg = apply_overrides(cfg, best_overrides)
     best_config_yaml = f"{out_dir}/best_config.yaml"
-    _write_bytes(best_config_yaml, yaml.safe_dump(best_cfg.to_dict(), sort_keys=False).encode())
-    _write_bytes(f"{out_dir}/best.json", json.dumps({"overrides": best_overrides, "metrics": best_metrics,
-                                                     "metric": tc.metric, "mode": tc.mode}, indent=2).encode())
+    write_text(best_config_yaml, yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    write_text(f"{out_dir}/best.json", json.dumps({"overrides": best_overrides, "metrics": best_metrics,
+                                                   "metric": tc.metric, "mode": tc.mode}, indent=2))
 
     tb_files = sorted(glob.glob(f"{logdir}/**/events.out.tfevents*", recursive=True)) if "://" not in logdir else []
     if "://" not in logdir and not tb_files:
