@@ -124,7 +124,7 @@ def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_d
 
     # it reloads to the same customized logits as the live, gathered model at the end of training
     ckpt = Path(out["checkpoint_dir"])
-    probe = torch.load(ckpt / PROBE_FILE)
+    probe = torch.load(ckpt / PROBE_FILE, weights_only=True)
     assert json.loads((ckpt / STATE_FILE).read_text())["step"] == 8
     model = QAdapterModel.from_pretrained(tiny_model_dir, adapter_path=str(adapter), is_trainable=False).eval()
     with torch.no_grad():
