@@ -78,6 +78,9 @@ class TrainConfig:
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
+    # merged last into the generated DeepSpeed config, e.g. {zero_optimization: {stage3_max_reuse_distance: 0}};
+    # the dotted form works too: --train.deepspeed.zero_optimization.stage3_param_persistence_threshold 1e6
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     gpu_memory_gib: Optional[float] = None  # per GPU, for the memory planner (the driver may run on a GPU-less head)
     lr: float = 3e-4
     weight_decay: float = 0.0

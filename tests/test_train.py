@@ -61,10 +61,23 @@ def test_plan_and_deepspeed_config():
     with pytest.raises(ValueError, match="too few"):
         plan_steps(cfg, n_train=3, world=2)
     conf = ds_config(cfg, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    assert conf["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert conf["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                         "stage3_max_reuse_distance": 0}  # CPU: no reuse scan
+    gpu = ds_config(tiny_cfg(Path("/tmp"), use_gpu=True))
+    assert gpu["zero_optimization"] == {"stage": 3} and gpu["bf16"]["enabled"] is True  # DeepSpeed's defaults
     assert conf["gradient_accumulation_steps"] == 3 and conf["train_micro_batch_size_per_gpu"] == 2
     assert conf["bf16"]["enabled"] is False and conf["gradient_clipping"] == 1.0
     assert "optimizer" not in conf  # the client torch AdamW: no FusedAdam / cpu_adam op to compile
+    # train.deepspeed: any DeepSpeed key, from YAML or dotted CLI strings, merged last (ds_overrides still after it)
+    from qcore.config import load_config
+
+    cli = load_config(None, ["--train.deepspeed.zero_optimization.stage3_max_reuse_distance", "0",
+                             "--train.deepspeed.zero_optimization.stage3_param_persistence_threshold", "1e6",
+                             "--train.deepspeed.wall_clock_breakdown", "true", "--train.grad_accumulation", "3"])
+    conf = ds_config(cli, {"zero_optimization": {"stage3_max_reuse_distance": 5}})
+    assert conf["zero_optimization"] == {"stage": 3, "stage3_max_reuse_distance": 5,
+                                         "stage3_param_persistence_threshold": 1e6}
+    assert conf["wall_clock_breakdown"] is True and conf["gradient_accumulation_steps"] == 3
 
 
 @pytest.fixture(scope="module")
