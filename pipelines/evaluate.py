@@ -455,7 +455,7 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
     probe.jsonl are looked up when cfg.eval.prompts_file / probe_file are unset (see resolve_eval_files)."""
     import ray
 
-    from pipelines.common import init_ray
+    from pipelines.common import init_ray, write_text
 
     t_start = time.perf_counter()
     init_ray(cfg)
@@ -549,8 +549,6 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
         "generations_path": f"{out_dir}/generations.jsonl",
     }
     results = _json_safe(results)
-    from pipelines.common import write_text
-
     write_text(f"{out_dir}/generations.jsonl", "\n".join(gen_lines) + "\n")
     write_text(f"{out_dir}/results.json", json.dumps(results, indent=2, sort_keys=True))
     return results

@@ -114,26 +114,7 @@ def ds_config(cfg: Config, overrides: Optional[dict] = None) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(_deep_merge(conf, _parsed_leaves(tc.deepspeed)), overrides or {})
-
-
-def _parsed_leaves(tree: dict) -> dict:
-    """Dotted CLI overrides arrive as strings ("0", "1e6", "true"): read each leaf as YAML, and numbers that YAML 1.1
-    leaves as strings ("1e6") as numbers."""
-    import yaml
-
-    def leaf(v):
-        if not isinstance(v, str):
-            return v
-        value = yaml.safe_load(v)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return value
-        return value
-
-    return {k: _parsed_leaves(v) if isinstance(v, dict) else leaf(v) for k, v in tree.items()}
+    return _deep_merge(_deep_merge(conf, tc.deepspeed), overrides or {})
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

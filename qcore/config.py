@@ -254,8 +254,25 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
     elif origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            return _parsed_leaves(value)
     raise ConfigError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _parsed_leaves(tree: dict[str, Any]) -> dict[str, Any]:
+    """A free-form mapping (train.deepspeed, tune.space): dotted CLI overrides put strings ("0", "1e6", "true") in
+    it; read each string leaf as YAML, and numbers YAML 1.1 leaves as strings ("1e6") as numbers."""
+    def leaf(v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        value = yaml.safe_load(v)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
+    return {k: _parsed_leaves(v) if isinstance(v, dict) else leaf(v) for k, v in tree.items()}
 
 
 def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:

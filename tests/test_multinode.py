@@ -43,8 +43,8 @@ def _env():
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` = ours
     # the cluster's own token: a fresh machine has no ~/.ray/auth_token, and `ray start` never creates one
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_raylet_start_wait_time_s="120", RAY_DASHBOARD_STARTUP_TIMEOUT_S="300",
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", RAY_raylet_start_wait_time_s="120", RAY_DASHBOARD_STARTUP_TIMEOUT_S="300",
                RAY_USAGE_STATS_ENABLED="0")
     return env
 

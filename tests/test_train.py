@@ -74,6 +74,9 @@ def test_plan_and_deepspeed_config():
     cli = load_config(None, ["--train.deepspeed.zero_optimization.stage3_max_reuse_distance", "0",
                              "--train.deepspeed.zero_optimization.stage3_param_persistence_threshold", "1e6",
                              "--train.deepspeed.wall_clock_breakdown", "true", "--train.grad_accumulation", "3"])
+    assert cli.train.deepspeed == {"zero_optimization": {"stage3_max_reuse_distance": 0,  # typed by the config
+                                                         "stage3_param_persistence_threshold": 1e6},
+                                   "wall_clock_breakdown": True}
     conf = ds_config(cli, {"zero_optimization": {"stage3_max_reuse_distance": 5}})
     assert conf["zero_optimization"] == {"stage": 3, "stage3_max_reuse_distance": 5,
                                          "stage3_param_persistence_threshold": 1e6}
