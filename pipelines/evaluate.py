@@ -132,17 +132,11 @@ def resolve_adapter_dir(path: str) -> str:
     raise FileNotFoundError(f"adapter '{path}': no adapter_config.json in it (or in exactly one subfolder)")
 
 
-def adapter_objective(method: str, adapter_dir: str) -> str:
-    """The training objective of an adapter: qadapter.json's "objective" when saved, else the method's name
-    (``dpo``, ``sft_lr1e-4`` -> sft, ...); unknown names count as Q-Adapters."""
-    meta_path = Path(adapter_dir) / "qadapter.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        obj = meta.get("objective") or (meta.get("train") or {}).get("objective")
-        if obj in OBJECTIVES:
-            return obj
-    head = method.lower().replace("-", "_").split("_")[0]
-    return head if head in OBJECTIVES else "qadapter"
+def adapter_objective(adapter_dir: str) -> str:
+    """The training objective recorded in the adapter's qadapter.json (never guessed from a name)."""
+    from qcore.model import read_objective
+
+    return read_objective(adapter_dir)
 
 
 def saved_q_config(adapter_dir: str):
@@ -176,7 +170,7 @@ def build_policies(cfg: Config, adapters: dict[str, str]) -> tuple[list[dict], l
         if name == "base":
             raise ValueError("'base' is implicit: do not pass an adapter named 'base'")
         adir = resolve_adapter_dir(path)
-        obj = adapter_objective(name, adir)
+        obj = adapter_objective(adir)
         resolved[name] = (adir, obj)
         if obj == "qadapter":
             qc = saved_q_config(adir)

@@ -389,7 +389,8 @@ def train_loop_per_worker(config: dict) -> None:
             adapter_state = _gathered_adapter_state(engine, zero_stage)
             probe = _probe(engine, device)
             if rank == 0:
-                module.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR), state_dict=adapter_state)
+                module.save_pretrained(os.path.join(tmp, ADAPTER_SUBDIR), state_dict=adapter_state,
+                                       objective=tc.objective)
                 torch.save(probe, os.path.join(tmp, PROBE_FILE))
                 Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=1))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -126,16 +126,41 @@ class TuneConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """Forgetting, measured with lm-evaluation-harness through the project's lm-eval model type (every policy)."""
+
+    tasks: list[str] = field(default_factory=list)  # e.g. [qadapter_probe_gen, qadapter_probe_mc] or [mmlu, gsm8k_cot]
+    include_path: Optional[str] = None  # a folder of task YAMLs (the repo's data/lm_eval is always included)
+    limit: Optional[int] = None  # items per task (None = all)
+    num_fewshot: Optional[int] = None  # None = each task's own default
+    batch_size: int = 8
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
-    prompts_file: Optional[str] = None  # held-out prompts (jsonl with "prompt")
-    probe_file: Optional[str] = None  # capability probe (jsonl with "question", "answer")
+    prompts_file: Optional[str] = None  # held-out prompts (jsonl with "prompt"); None = the run's own eval split
+    probe_file: Optional[str] = None  # capability probe (jsonl with "question", "answer"); None = no probe
     max_prompts: int = 200
     max_new_tokens: int = 64
     batch_size: int = 16
     num_actors: int = 1
     dial: list[dict[str, float]] = field(default_factory=list)  # [{"alpha_0": .., "alpha_tilde": ..}, ...]
     methods: list[str] = field(default_factory=list)  # compare: e.g. [qadapter, dpo, sft, replay]
+    # How the new preference is measured; each judge writes its own columns: pairs (held-out pair accuracy under
+    # each policy, any data) | reward_model (eval.reward_model) | llm_judge (eval.judge_model or eval.judge_url) |
+    # oracle (the embedded default's conciseness oracle)
+    judges: list[str] = field(default_factory=lambda: ["pairs"])
+    max_pairs: int = 200  # held-out pairs scored by the pairs judge
+    reward_model: Optional[str] = None  # a local Hugging Face sequence-classification model directory
+    judge_model: Optional[str] = None  # llm_judge: a local instruct model directory ("smollm2-135m" works)
+    judge_url: Optional[str] = None  # llm_judge: an OpenAI-compatible endpoint (base URL ending in /v1)
+    judge_api_model: Optional[str] = None  # llm_judge: the model name to ask the endpoint for
+    judge_api_key_env: str = "OPENAI_API_KEY"  # llm_judge: the environment variable holding the endpoint's key
+    judge_criterion: str = "Which response is more helpful, honest and harmless?"
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    bootstrap_samples: int = 1000  # resamples for every 95% interval
+    confidence: float = 0.95
 
 
 @dataclass

@@ -262,8 +262,12 @@ class QAdapterModel(torch.nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ------------------------------------------------------------------ save
-    def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        objective: str = "qadapter") -> Path:
         """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) + qadapter.json.
+
+        objective: what trained the adapter (qadapter | dpo | sft | replay), recorded in qadapter.json so that
+        evaluation knows which policy the adapter stands for (the customized one for qadapter, softmax(Q) else).
 
         state_dict: an already-gathered adapter state dict (ZeRO-3: gather, then pass it here on rank 0). Keys may
         be named as in ``peft_model.state_dict()``, as returned by ``peft.get_peft_model_state_dict`` (no adapter
@@ -273,7 +277,12 @@ class QAdapterModel(torch.nn.Module):
         if state_dict is not None:
             state_dict = self._normalize_adapter_state_dict(state_dict)
         self.peft_model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
-        meta = {"format": "qadapter", "version": 1, "q_config": dataclasses.asdict(self.q_config),
+        from qcore.losses import OBJECTIVES
+
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        meta = {"format": "qadapter", "version": 1, "objective": objective,
+                "q_config": dataclasses.asdict(self.q_config),
                 "adapter_config": dataclasses.asdict(self.adapter_config),
                 "base_model": getattr(self.config, "_name_or_path", None)}
         (out / QADAPTER_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -307,3 +316,17 @@ def read_qadapter_json(adapter_path: str | Path) -> tuple[QConfig, AdapterConfig
     meta = json.loads(path.read_text())
     adapter = AdapterConfig(**meta["adapter_config"]) if "adapter_config" in meta else None
     return QConfig(**meta["q_config"]), adapter
+
+
+def read_objective(adapter_path: str | Path) -> str:
+    """The training objective recorded in an adapter's qadapter.json (see ``QAdapterModel.save_pretrained``)."""
+    from qcore.losses import OBJECTIVES
+
+    path = Path(adapter_path) / QADAPTER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a Q-Adapter directory (save with QAdapterModel.save_pretrained)")
+    objective = json.loads(path.read_text()).get("objective")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{path}: 'objective' is {objective!r}, expected one of {OBJECTIVES} (saved by an older "
+                         f"version? add the key by hand)")
+    return objective
