@@ -53,12 +53,15 @@ def loss_mask(response_mask: torch.Tensor, alignment: str = "standard") -> torch
 
     ``standard``: ``response_mask[:, 1:]``: position t counts when the token it predicts is a response token.
     ``authors``: ``response_mask[:, :-1]``, as in the Q-Adapter authors' code: it drops the first response token
-    and keeps the token after the last one (the position holding the final response token).
+    and keeps the token after the last one (the position holding the final response token), within the pair's own
+    padded length (``pair_lengths``; rows are chosen then rejected): the authors' micro-batch of one pair has no
+    position after its longer sequence's last token, so a wider batch must not add one.
     """
     if alignment == "standard":
         mask = response_mask[:, 1:]
     elif alignment == "authors":
-        mask = response_mask[:, :-1]
+        inside = torch.arange(response_mask.shape[1] - 1, device=response_mask.device) < pair_lengths(response_mask)[:, None]
+        mask = response_mask[:, :-1] * inside
     else:
         raise ValueError(f"unknown mask alignment {alignment!r}: expected one of {ALIGNMENTS}")
     return mask.to(torch.float32)
@@ -255,6 +258,21 @@ class _LogProb(torch.autograd.Function):
         return grad_x, _cast(grad_w, weight), _cast(grad_b, bias), None, None
 
 
+def pair_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the paper variant's normalizer: its pair's own padded length in shifted positions,
+    max(len chosen, len rejected) - 1, where a row's length is the index of its last response token + 1 (rows are
+    right padded and end with their response). ``[N]`` float32, the same value on a pair's chosen and rejected rows.
+
+    The authors divide by the padded length of the micro-batch and train with micro-batch 1, so the divisor is the
+    pair's own length; dividing by a larger batch's padded length would let a long neighbour shrink a pair's margin.
+    """
+    n, length = response_mask.shape
+    last = (response_mask.long() * torch.arange(1, length + 1, device=response_mask.device)).amax(dim=1)
+    chosen, rejected = _split_pairs(last)
+    pair = (torch.maximum(chosen, rejected) - 1).clamp(min=1)
+    return torch.cat([pair, pair]).to(torch.float32)
+
+
 def _row_labels(input_ids: torch.Tensor, device) -> torch.Tensor:
     """Labels for the N*L logits rows of a [N, L] batch: row (n, t) predicts input_ids[n, t+1]; the last position of
     each sequence predicts nothing (label 0, its output is dropped)."""
@@ -339,15 +357,18 @@ def qadapter_loss(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: 
 
     ``paper`` (the authors' code):
         r_t    = Q(s_t, a_t) - gamma * V(s_t)
-        R(y)   = sum_t m_t r_t / L            L = the padded length input_ids.shape[1], as the authors divide by it
+        R(y)   = sum_t m_t r_t / L_pair       L_pair = max(len y_chosen, len y_rejected) - 1 (``pair_lengths``):
+                                              the pair's own padded length, as the authors' micro-batch-1 runs divide
     ``bellman`` (the theory's form):
         r_t    = Q(s_t, a_t) - gamma * V(s_{t+1})   V(s_{t+1}) := 0 where position t+1 is not in the mask
                                                     (the state after the final response token is terminal)
         R(y)   = sum_t m_t r_t / n(y)
-    then, for both:
-        L_pref = mean over pairs of -log sigmoid(R(y_chosen) - R(y_rejected))
-        L_reg  = beta * sum_t m_t r_t^2 / sum_t m_t          over chosen and rejected rows together
-        loss   = L_pref + L_reg
+    then, for both, per pair (chosen and rejected rows together):
+        L_pref = -log sigmoid(R(y_chosen) - R(y_rejected))
+        L_reg  = beta * sum_t m_t r_t^2 / sum_t m_t
+        loss   = mean over pairs of L_pref + L_reg
+    Every term is a pair's own, so the loss of a batch is the mean of its pairs' single-pair losses (micro-batch 1
+    in the authors' runs): no pair's loss depends on its batch-mates.
 
     With gamma = 1 the paper reward is r_t = alpha_tilde * log pi_custom(a_t|s_t) - alpha_0 * log pi_pre(a_t|s_t).
     Metrics: ``rewards/*`` are R(y) above; ``logps/*`` are sum_t m_t log pi_custom(a_t|s_t); ``q_values_mean`` and
@@ -357,18 +378,19 @@ def qadapter_loss(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: 
         raise ValueError(f"unknown Q-Adapter variant {variant!r}: expected one of {VARIANTS}")
     mask = loss_mask(response_mask, alignment).to(q_logits.device)
     stats = token_stats(q_logits, base_logits, input_ids, alpha_0, alpha_tilde, chunk_size)
-    return _qadapter_from_stats(stats, mask, input_ids.shape[1], gamma, beta, variant)
+    return _qadapter_from_stats(stats, mask, pair_lengths(response_mask).to(q_logits.device), gamma, beta, variant)
 
 
-def _qadapter_from_stats(stats: TokenStats, mask: torch.Tensor, length: int, gamma: float, beta: float,
+def _qadapter_from_stats(stats: TokenStats, mask: torch.Tensor, pair_length: torch.Tensor, gamma: float, beta: float,
                          variant: str) -> tuple[torch.Tensor, dict[str, float]]:
     """The Q-Adapter loss and metrics from dense ``[N, L-1]`` token statistics (shared by the logits and the
-    fused hidden-state entry points, so both run the same arithmetic after the per-token statistics)."""
+    fused hidden-state entry points, so both run the same arithmetic after the per-token statistics).
+    pair_length: ``[N]``, the paper variant's per-row divisor (``pair_lengths``)."""
     mask = mask.to(stats.q.dtype)
 
     if variant == "paper":
         r = stats.q - gamma * stats.v
-        per_seq = (mask * r).sum(dim=1) / length
+        per_seq = (mask * r).sum(dim=1) / pair_length.to(r.dtype)
     else:
         v_next = torch.zeros_like(stats.v)
         v_next[:, :-1] = stats.v[:, 1:] * mask[:, 1:]
@@ -377,9 +399,11 @@ def _qadapter_from_stats(stats: TokenStats, mask: torch.Tensor, length: int, gam
 
     reward_c, reward_r = _split_pairs(per_seq)
     pref_loss = -F.logsigmoid(reward_c - reward_r).mean()
-    n_tokens = mask.sum().clamp(min=1)
-    reg_loss = beta * (mask * r.square()).sum() / n_tokens
+    sq_c, sq_r = _split_pairs((mask * r.square()).sum(dim=1))
+    n_c, n_r = _split_pairs(mask.sum(dim=1))
+    reg_loss = beta * ((sq_c + sq_r) / (n_c + n_r).clamp(min=1)).mean()
     loss = pref_loss + reg_loss
+    n_tokens = mask.sum().clamp(min=1)
 
     logps_c, logps_r = _split_pairs((mask * stats.logp_custom).sum(dim=1))
     metrics = _reward_metrics(loss, reward_c, reward_r, logps_c, logps_r)
@@ -484,7 +508,8 @@ class ScoredPositions(NamedTuple):
     cols: torch.Tensor  # [M] long, in 0..L-2
     labels: torch.Tensor  # [M] long
     n_rows: int  # N = 2B (the batch's row count)
-    length: int  # L (the padded length; the paper variant divides by it)
+    length: int  # L (the batch's padded length)
+    pair_lengths: torch.Tensor  # [N] float32: each row's pair's own length, the paper variant's divisor
 
 
 def scored_positions(objective: str, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -501,7 +526,8 @@ def scored_positions(objective: str, input_ids: torch.Tensor, response_mask: tor
     if objective in ("sft", "replay"):
         mask[mask.shape[0] // 2:] = 0
     rows, cols = mask.nonzero(as_tuple=True)
-    return ScoredPositions(rows, cols, input_ids[rows, cols + 1], int(input_ids.shape[0]), int(input_ids.shape[1]))
+    return ScoredPositions(rows, cols, input_ids[rows, cols + 1], int(input_ids.shape[0]), int(input_ids.shape[1]),
+                           pair_lengths(response_mask).to(input_ids.device))
 
 
 def _fused_chunk(chunk_tokens: int) -> int:
@@ -572,7 +598,8 @@ def compute_loss_from_hidden(objective: str, q_hidden: torch.Tensor, base_hidden
         packed = fused_token_stats(q_hidden, base_hidden, lm_head_weight, labels, q_cfg.alpha_0, q_cfg.alpha_tilde,
                                    lm_head_bias, chunk)
         stats = TokenStats(*(_dense(x, positions) for x in packed))
-        return _qadapter_from_stats(stats, mask, positions.length, q_cfg.gamma, q_cfg.beta, q_cfg.variant)
+        return _qadapter_from_stats(stats, mask, positions.pair_lengths.to(q_hidden.device), q_cfg.gamma, q_cfg.beta,
+                                    q_cfg.variant)
     policy = _dense(fused_token_logprobs(q_hidden, lm_head_weight, labels, lm_head_bias, chunk), positions)
     if objective == "dpo":
         if base_hidden is None:

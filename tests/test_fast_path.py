@@ -177,8 +177,9 @@ def test_scored_positions():
     resp = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 1, 0, 0]])
     pos = losses.scored_positions("qadapter", ids, resp)
     assert pos.rows.tolist() == [0, 0, 1] and pos.cols.tolist() == [1, 2, 1] and pos.labels.tolist() == [7, 8, 9]
-    pos = losses.scored_positions("qadapter", ids, resp, "authors")
-    assert pos.cols.tolist() == [2, 3, 2] and pos.labels.tolist() == [8, 0, 0]
+    pos = losses.scored_positions("qadapter", ids, resp, "authors")  # within the pair's own length 4 (3 positions)
+    assert pos.cols.tolist() == [2, 2] and pos.labels.tolist() == [8, 0]
+    assert pos.pair_lengths.tolist() == [3.0, 3.0]
     pos = losses.scored_positions("sft", ids, resp, "authors")  # baselines: standard alignment, chosen rows only
     assert pos.rows.tolist() == [0, 0] and pos.cols.tolist() == [1, 2]
     assert (pos.n_rows, pos.length) == (2, 5)
@@ -301,7 +302,8 @@ def test_shared_prefix_hidden_states_equal_full_pass(max_groups):
     ids, att = batch["input_ids"], batch["attention_mask"]
     n, length = ids.shape
     rows, cols = torch.nonzero(att[:, :-1], as_tuple=True)  # every real position
-    pos = losses.ScoredPositions(rows, cols, ids[rows, cols + 1], n, length)
+    pos = losses.ScoredPositions(rows, cols, ids[rows, cols + 1], n, length,
+                                 losses.pair_lengths(batch["response_mask"]))
     hf_model = model.peft_model.get_base_model()
     with torch.no_grad():
         shared, used = hidden_at(hf_model, ids, att, pos, share_prefix=True, max_groups=max_groups)
@@ -407,3 +409,41 @@ def test_frozen_head_log_probs_are_constants_without_logp_grad():
     st = losses.fused_token_stats(h, hb[pos.rows, pos.cols], weight, pos.labels, 0.1, 1.0)
     assert st.q.requires_grad and st.v.requires_grad
     assert not (st.logp_custom.requires_grad or st.logp_q.requires_grad or st.logp_pre.requires_grad)
+
+
+@pytest.mark.parametrize("path", ["logits", "fused"])
+@pytest.mark.parametrize("variant,alignment", COMBOS)
+def test_batch_loss_is_mean_of_single_pair_losses(path, variant, alignment):
+    """No pair's loss depends on its batch-mates (the authors train with micro-batch 1): the Q-Adapter loss of 8
+    pairs of different lengths equals the mean of the 8 single-pair losses, each pair cut to its own padded length,
+    and both equal the float64 loop reference run pair by pair."""
+    n_pairs = 8
+    batch, weight, bias, hq, hb = _hidden_problem(n_pairs=n_pairs, length=12, vocab=7, hidden=4, seed=21)
+    cfg = _cfg(variant=variant, mask_alignment=alignment)
+    resp = batch["response_mask"]
+    own = (resp * torch.arange(1, resp.shape[1] + 1)).amax(1)
+    assert len(set(own.tolist())) > 3  # the pairs really differ in length
+
+    def loss_of(b, h_q, h_b):
+        if path == "logits":
+            return losses.compute_loss("qadapter", F.linear(h_q, weight, bias), F.linear(h_b, weight, bias), b, cfg)
+        pos = losses.scored_positions("qadapter", b["input_ids"], b["response_mask"], cfg.mask_alignment)
+        return losses.compute_loss_from_hidden("qadapter", h_q[pos.rows, pos.cols], h_b[pos.rows, pos.cols], weight,
+                                               pos, cfg, lm_head_bias=bias, chunk_tokens=5)
+
+    whole, metrics = loss_of(batch, hq, hb)
+    singles, refs, rewards = [], [], []
+    for i in range(n_pairs):
+        rows = [i, n_pairs + i]
+        width = int(own[rows].max())
+        one = {k: v[rows, :width] for k, v in batch.items()}
+        loss_i, m_i = loss_of(one, hq[rows, :width], hb[rows, :width])
+        singles.append(float(loss_i))
+        rewards.append(m_i["rewards/chosen"])
+        ref = ref_qadapter(F.linear(hq[rows, :width], weight, bias), F.linear(hb[rows, :width], weight, bias),
+                           one["input_ids"].tolist(), one["response_mask"].tolist(), cfg.alpha_0, cfg.alpha_tilde,
+                           cfg.gamma, cfg.beta, variant, alignment)
+        refs.append(float(ref[0]))
+    assert float(whole) == pytest.approx(sum(singles) / n_pairs, rel=1e-12, abs=1e-12)
+    assert float(whole) == pytest.approx(sum(refs) / n_pairs, rel=1e-10, abs=1e-12)
+    assert metrics["rewards/chosen"] == pytest.approx(sum(rewards) / n_pairs, rel=1e-10, abs=1e-12)

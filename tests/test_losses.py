@@ -25,12 +25,13 @@ def _lse(values):
     return m + torch.log(sum(torch.exp(v - m) for v in values))
 
 
-def _mask_positions(resp_row, alignment):
-    """Shifted positions t (logits t predict token t+1) that enter the loss."""
+def _mask_positions(resp_row, alignment, pair_length=None):
+    """Shifted positions t (logits t predict token t+1) that enter the loss; the authors' alignment stays inside the
+    pair's own padded length (positions 0 .. pair_length - 1), as a micro-batch of that one pair would."""
     n = len(resp_row)
     if alignment == "standard":
         return [t for t in range(n - 1) if resp_row[t + 1] == 1]
-    return [t for t in range(n - 1) if resp_row[t] == 1]
+    return [t for t in range(n - 1) if resp_row[t] == 1 and (pair_length is None or t < pair_length)]
 
 
 def ref_token(q, base, ids, row, t, a0, at):
@@ -46,13 +47,24 @@ def ref_token(q, base, ids, row, t, a0, at):
     return q[row, t, a], at * lse_c, logp_pre[a], custom[a] - lse_c, qs[a] - _lse(qs)
 
 
+def _own_length(resp_row):
+    """A right-padded row's length: the index of its last response token + 1."""
+    return max(t + 1 for t, m in enumerate(resp_row) if m == 1)
+
+
 def ref_qadapter(q, base, ids, resp, a0, at, gamma, beta, variant, alignment):
-    """Returns (loss, pref, reg, rewards_c list, rewards_r list, logps_c list, logps_r list)."""
+    """Returns (loss, pref, reg, rewards_c list, rewards_r list, logps_c list, logps_r list).
+
+    Every term is per pair, as in the authors' micro-batch-1 runs: the paper variant divides a pair's rewards by
+    its own padded length max(len c, len r) - 1, and the regularizer averages over that pair's tokens."""
     n_rows, length = len(ids), len(ids[0])
     n_pairs = n_rows // 2
-    rewards, logps, sq_sum, n_tok = [], [], 0.0, 0
+    rewards, logps, sq_sums, n_toks = [], [], [], []
     for row in range(n_rows):
-        pos = _mask_positions(resp[row], alignment)
+        mate = row + n_pairs if row < n_pairs else row - n_pairs
+        pair_length = max(_own_length(resp[row]), _own_length(resp[mate])) - 1
+        sq_sum, n_tok = 0.0, 0
+        pos = _mask_positions(resp[row], alignment, pair_length)
         stats = {t: ref_token(q, base, ids, row, t, a0, at) for t in range(length - 1)}
         total, logp_sum = 0.0, 0.0
         for t in pos:
@@ -66,15 +78,18 @@ def ref_qadapter(q, base, ids, resp, a0, at, gamma, beta, variant, alignment):
             sq_sum = sq_sum + r * r
             n_tok += 1
             logp_sum = logp_sum + stats[t][3]
-        norm = length if variant == "paper" else max(len(pos), 1)
+        norm = pair_length if variant == "paper" else max(len(pos), 1)
         rewards.append(total / norm)
         logps.append(logp_sum)
-    pref = 0.0
+        sq_sums.append(sq_sum)
+        n_toks.append(n_tok)
+    pref, reg = 0.0, 0.0
     for i in range(n_pairs):
         d = rewards[i] - rewards[n_pairs + i]
         pref = pref + torch.log1p(torch.exp(-d)) if isinstance(d, torch.Tensor) else pref + math.log1p(math.exp(-d))
+        reg = reg + beta * (sq_sums[i] + sq_sums[n_pairs + i]) / max(n_toks[i] + n_toks[n_pairs + i], 1)
     pref = pref / n_pairs
-    reg = beta * sq_sum / max(n_tok, 1)
+    reg = reg / n_pairs
     return (pref + reg, pref, reg, rewards[:n_pairs], rewards[n_pairs:], logps[:n_pairs], logps[n_pairs:])
 
 
@@ -147,15 +162,16 @@ def hand_batch():
 
 
 # Hand computation (beta = 0.1), r for token 2 = ln2 - 2 ln2 = -ln2, for tokens 0/1 = -2 ln2:
-# paper/standard: chosen scores tokens [2, 2, 0] -> R_c = -4 ln2 / 4; rejected [1, 2] -> R_r = -3 ln2 / 4;
-#   L_pref = -logsigmoid(-ln2 / 4) = log(1 + 2^(1/4)); L_reg = 0.1 * (1+1+4+4+1) ln2^2 / 5
-# paper/authors: chosen scores positions 1,2 -> tokens [2, 0] -> R_c = -3 ln2 / 4; rejected positions 1,2 ->
-#   tokens [2, 0(pad)] -> R_r = -3 ln2 / 4; L_pref = log 2; L_reg = 0.1 * (1+4+1+4) ln2^2 / 4
+# The pair's own length: chosen 4 tokens, rejected 3 (one pad) -> the paper variant divides by max(4, 3) - 1 = 3.
+# paper/standard: chosen scores tokens [2, 2, 0] -> R_c = -4 ln2 / 3; rejected [1, 2] -> R_r = -3 ln2 / 3;
+#   L_pref = -logsigmoid(-ln2 / 3) = log(1 + 2^(1/3)); L_reg = 0.1 * (1+1+4+4+1) ln2^2 / 5
+# paper/authors: chosen scores positions 1,2 -> tokens [2, 0] -> R_c = -3 ln2 / 3; rejected positions 1,2 ->
+#   tokens [2, 0(pad)] -> R_r = -3 ln2 / 3; L_pref = log 2; L_reg = 0.1 * (1+4+1+4) ln2^2 / 4
 # bellman/standard: chosen r = [ln2 - 2ln2, ln2 - 2ln2, 0 - 0] -> R_c = -2 ln2 / 3; rejected r = [0 - 2 ln2, ln2 - 0]
 #   -> R_r = -ln2 / 2; L_pref = -logsigmoid(-ln2/6) = log(1 + 2^(1/6)); L_reg = 0.1 * (1+1+0+4+1) ln2^2 / 5
 HAND = {
-    ("paper", "standard"): (math.log(1 + 2 ** 0.25), 0.1 * 11 / 5 * LN2 ** 2, -LN2, -0.75 * LN2),
-    ("paper", "authors"): (math.log(2), 0.1 * 10 / 4 * LN2 ** 2, -0.75 * LN2, -0.75 * LN2),
+    ("paper", "standard"): (math.log(1 + 2 ** (1 / 3)), 0.1 * 11 / 5 * LN2 ** 2, -4 / 3 * LN2, -LN2),
+    ("paper", "authors"): (math.log(2), 0.1 * 10 / 4 * LN2 ** 2, -LN2, -LN2),
     ("bellman", "standard"): (math.log(1 + 2 ** (1 / 6)), 0.1 * 7 / 5 * LN2 ** 2, -2 / 3 * LN2, -0.5 * LN2),
 }
 
@@ -291,9 +307,10 @@ def test_reward_identity_gamma_one(same):
     # and the whole paper loss can be written with that reward
     mask = losses.loss_mask(batch["response_mask"], "standard").double()
     r = at * st.logp_custom - a0 * st.logp_pre
-    per_seq = (mask * r).sum(1) / batch["input_ids"].shape[1]
+    per_seq = (mask * r).sum(1) / losses.pair_lengths(batch["response_mask"]).double()
     pref = -torch.nn.functional.logsigmoid(per_seq[:2] - per_seq[2:]).mean()
-    reg = 0.1 * (mask * r * r).sum() / mask.sum()
+    sq, n = (mask * r * r).sum(1), mask.sum(1)
+    reg = 0.1 * ((sq[:2] + sq[2:]) / (n[:2] + n[2:])).mean()
     loss, _ = losses.compute_loss("qadapter", q, base, batch, _cfg(alpha_0=a0, alpha_tilde=at, gamma=1.0, beta=0.1))
     assert _f(loss) == pytest.approx(_f(pref + reg), abs=1e-12)
     if same:
@@ -303,9 +320,13 @@ def test_reward_identity_gamma_one(same):
 
 
 def test_loss_mask_alignments():
-    resp = torch.tensor([[0, 0, 1, 1, 1, 0, 0]])
-    assert losses.loss_mask(resp, "standard").tolist() == [[0, 1, 1, 1, 0, 0]]  # scores tokens 2, 3, 4
-    assert losses.loss_mask(resp, "authors").tolist() == [[0, 0, 1, 1, 1, 0]]  # scores tokens 3, 4, 5
+    resp = torch.tensor([[0, 0, 1, 1, 1, 0, 0],    # chosen: 5 tokens
+                         [0, 0, 1, 1, 1, 1, 0]])   # rejected: 6 tokens -> the pair's own length is 6 (5 positions)
+    assert losses.loss_mask(resp, "standard").tolist() == [[0, 1, 1, 1, 0, 0],   # scores tokens 2, 3, 4
+                                                          [0, 1, 1, 1, 1, 0]]   # tokens 2..5
+    # authors: tokens 3, 4, 5 of chosen (5 is padding inside the pair); rejected 3, 4, 5 but not 6: position 5
+    # predicts past the pair's own length, where a micro-batch of this pair has no position
+    assert losses.loss_mask(resp, "authors").tolist() == [[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0]]
 
 
 def test_grad_flows_only_into_q_logits():
