@@ -32,8 +32,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QADAPTER_CACHE", Path.home() / ".cache" / "qadapter"))
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocab 384) with ChatML specials, built from a fixed corpus."""
+def build_tiny_tokenizer(chat_template: bool = True, add_bos: bool = False):
+    """A byte-level BPE tokenizer (vocab 384) with ChatML specials, built from a fixed corpus.
+
+    The default is instruct-style (a ChatML template, no BOS added, like SmolLM2's). ``chat_template=False,
+    add_bos=True`` gives a base-model-style tokenizer (no template; encoding with special tokens puts the BOS in
+    front, as Llama's base tokenizers do)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,9 +50,16 @@ def build_tiny_tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    bos = "<|im_start|>"
+    if add_bos:  # a BOS of its own (like Llama's <|begin_of_text|>), apart from the template's turn markers
+        from tokenizers.processors import TemplateProcessing
+
+        bos = "<|endoftext|>"
+        tok.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",
-        unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+        tokenizer_object=tok, bos_token=bos, eos_token="<|im_end|>", pad_token="<pad>",
+        unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE if chat_template else None,
     )
 
 

@@ -30,9 +30,14 @@ special tokens (the template writes its own). Without a template, a plain-string
 messages are rendered HH style ("\\n\\nHuman: ...\\n\\nAssistant:"), the response then starting with a space.
 The EOS id is appended to each response and counts as a response token.
 
+BOS: where the model expects one (:func:`expected_bos`: its tokenizer adds it when encoding with special
+tokens), the prompt ids start with it, unless the chat template already wrote it (Llama-3's does). A base model
+without a template (Llama-3.1-8B for HH) thus sees the BOS it was pre-trained with, as TRL gives it.
+
 Truncation policy: let P be the prompt ids and R the longer of the two responses (EOS included). If
 len(P) + len(R) > max_length, the prompt is first cut from the LEFT to its last ``max_prompt_length`` tokens
-(the end, nearest the response, is kept; it is left whole when it is already that short). Then each response
+(the end, nearest the response, is kept; a leading BOS is kept in front and counts toward the limit; the prompt
+is left whole when it is already that short). Then each response
 is cut on the RIGHT to ``max_length - len(P)`` tokens; a response that was cut does not end in EOS (the model
 must not learn to stop where the data was cut). The same prompt is used for chosen and rejected, so
 ``prompt_length`` is one number. A pair is rejected as over-long (:class:`InvalidRecord`) when no response
@@ -44,6 +49,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -75,14 +81,70 @@ class InvalidRecord(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Parsing and normalization
 # ----------------------------------------------------------------------------------------------------------------
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):  # json.loads would keep the last value without a word
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+# A lone surrogate can only come from a \uD800-\uDFFF escape (the UTF-8 decoder refuses encoded ones).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The path of the first string (or key) in ``value`` holding a lone UTF-16 surrogate, else None (no
+    recursion: the value may be nested as deep as the JSON decoder allows)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, obj = stack.pop()
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "<record>"
+        elif isinstance(obj, dict):
+            for key, item in obj.items():
+                child = f"{path}.{key}" if path else str(key)
+                stack.append((child, key))
+                stack.append((child, item))
+        elif isinstance(obj, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(obj))
+    return None
+
+
 def parse_json_line(line: str | bytes) -> dict:
-    """One JSONL line -> a record dict; a malformed line raises InvalidRecord("<line>", "malformed JSON: ...")."""
+    """One JSONL line -> a record dict, else InvalidRecord: field ``<line>`` for malformed JSON (incl. invalid
+    UTF-8, nesting deeper than the recursion limit, integers over CPython's digit limit); the key for a duplicate
+    key (JSON would silently keep the last value) and the field holding a lone UTF-16 surrogate (not text that
+    can be encoded, tokenized or written)."""
     try:
-        record = json.loads(line.strip())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        text = line if isinstance(line, str) else bytes(line).decode("utf-8")
+        record = _DECODER.decode(text.strip())
+    except _DuplicateKey as err:
+        raise InvalidRecord(err.key, f"duplicate key {err.key!r} in a JSON object (the last value would win "
+                                     f"silently)") from None
+    except RecursionError:
+        raise InvalidRecord("<line>", f"malformed JSON: nested deeper than Python's recursion limit "
+                                      f"({sys.getrecursionlimit()})") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, the int digit limit, invalid UTF-8
         raise InvalidRecord("<line>", f"malformed JSON: {err}") from None
     if not isinstance(record, dict):
         raise InvalidRecord("<record>", f"expected a JSON object, got {type(record).__name__}")
+    if _SURROGATE_ESCAPE.search(text) and (where := _lone_surrogate(record)) is not None:
+        raise InvalidRecord(where, "lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair): not valid "
+                                   "Unicode text")
     return record
 
 
@@ -188,9 +250,28 @@ def _completion(value: Any, field: str) -> str:
     return "\n".join(m["content"] for m in msgs)
 
 
+_ROLES = ("system", "user", "assistant")
+
+
 def _check_prompt_messages(prompt: list[dict], field: str) -> list[dict]:
+    """The roles a chat template accepts: an optional leading system message, then user and assistant turns
+    alternating from a user turn, ending with a user turn (the response answers it)."""
+    for i, msg in enumerate(prompt):
+        role, where = msg["role"], f"{field}[{i}].role"
+        if role not in _ROLES:
+            raise InvalidRecord(where, f"unknown role {role!r} (expected user, assistant or system)")
+        if role == "system" and i > 0:
+            raise InvalidRecord(where, "a system message is only allowed first")
+        prev = prompt[i - 1]["role"] if i else None
+        if role != "system" and prev in (None, "system") and role != "user":
+            raise InvalidRecord(where, "the conversation must start with a user message (after an optional "
+                                       "system message)")
+        if role == prev:
+            raise InvalidRecord(where, f"two {role!r} messages in a row (user and assistant must alternate)")
     if prompt[-1]["role"] == "assistant":
         raise InvalidRecord(field, "the prompt ends with an assistant message")
+    if prompt[-1]["role"] != "user":
+        raise InvalidRecord(field, "the prompt has no user message to respond to")
     return prompt
 
 
@@ -228,6 +309,8 @@ def _hh_prompt_messages(prompt_text: str, field: str) -> list[dict]:
     for role, content in zip(roles[:-1], contents[:-1]):  # the last one is the empty generation turn
         if not content.strip():
             raise InvalidRecord(field, f"malformed HH text: empty {role} turn")
+        if messages and messages[-1]["role"] == _HH_ROLES[role]:
+            raise InvalidRecord(field, f"malformed HH text: two {role} turns in a row (turns must alternate)")
         messages.append({"role": _HH_ROLES[role], "content": content.strip()})
     if messages[-1]["role"] != "user":
         raise InvalidRecord(field, "malformed HH text: the last turn before the response is not a Human turn")
@@ -251,8 +334,8 @@ def _normalize_hh(record, cfg: DataConfig) -> dict:
         response = text[cut:].strip()
         if not response:
             raise InvalidRecord(key, "empty response")
-        if HH_HUMAN in response:
-            raise InvalidRecord(key, "malformed HH text: the response continues into another Human turn")
+        if turn := _HH_TURN.search(response):  # two turns glued into one response
+            raise InvalidRecord(key, f"malformed HH text: the response continues into another {turn[1]} turn")
         responses.append(response)
     _distinct(responses[0], responses[1], cfg.rejected_key)
     return {"prompt": prompt, "chosen": responses[0], "rejected": responses[1]}
@@ -307,9 +390,33 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def expected_bos(tokenizer) -> int | None:
+    """The BOS id the model expects at the start of every sequence, or None.
+
+    The tokenizer tells: a model trained with a BOS prefix ships a tokenizer that adds it when encoding with
+    special tokens (Llama-3 base and instruct, Llama-2, Mistral, Gemma); one that does not (GPT-2, SmolLM2,
+    Qwen) gets none, even when it names a ``bos_token``."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if len(ids) and ids[0] == bos else None
+
+
+def prepend_bos(ids: list[int], tokenizer) -> list[int]:
+    """``ids`` with the expected BOS in front, unless there is none or they already start with it (a chat
+    template that writes its own BOS, as Llama-3's does). Every path that encodes a prompt without special
+    tokens goes through here: training, evaluation, generation, replay, lm-eval, serving."""
+    bos = expected_bos(tokenizer)
+    if bos is None or (ids and ids[0] == bos):
+        return list(ids)
+    return [bos, *ids]
+
+
 def encode_prompt(prompt: str | list[dict], tokenizer) -> list[int]:
-    """Prompt ids exactly as :func:`tokenize_pair` builds them (untruncated): use it for generation."""
-    return _encode(tokenizer, render_prompt(prompt, tokenizer)[0])
+    """Prompt ids exactly as :func:`tokenize_pair` builds them (untruncated, BOS included where the model expects
+    one): use it for generation."""
+    return prepend_bos(_encode(tokenizer, render_prompt(prompt, tokenizer)[0]), tokenizer)
 
 
 def _eos_id(tokenizer) -> int:
@@ -319,13 +426,17 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def _truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int):
-    """The module docstring's truncation policy; raises InvalidRecord('prompt', 'over-long: ...')."""
+def _truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
+              bos: int | None = None):
+    """The module docstring's truncation policy; raises InvalidRecord('prompt', 'over-long: ...'). A leading
+    ``bos`` survives the left cut (it counts toward max_prompt_length)."""
     if max_length < 1 or max_prompt_length < 0:
         raise ValueError(f"max_length ({max_length}) must be >= 1 and max_prompt_length ({max_prompt_length}) >= 0")
     longest = max(len(r) for r in responses)
     if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
-        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+        keep_bos = bos is not None and max_prompt_length > 0 and prompt_ids[0] == bos
+        tail = max_prompt_length - keep_bos
+        prompt_ids = ([bos] if keep_bos else []) + (prompt_ids[len(prompt_ids) - tail:] if tail else [])
     budget = max_length - len(prompt_ids)
     if budget < 1:
         raise InvalidRecord("prompt", f"over-long: a prompt of {len(prompt_ids)} tokens leaves no response token "
@@ -336,12 +447,13 @@ def _truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int
 def tokenize_pair(pair: Mapping[str, Any], tokenizer, max_length: int, max_prompt_length: int) -> dict:
     """A normalized pair -> the tokenized pair row of docs/architecture.md (lists of int + prompt_length)."""
     text, lead = render_prompt(pair["prompt"], tokenizer)
-    prompt_ids = _encode(tokenizer, text)
+    prompt_ids = prepend_bos(_encode(tokenizer, text), tokenizer)
     eos = _eos_id(tokenizer)
     chosen = _encode(tokenizer, lead + pair["chosen"]) + [eos]
     rejected = _encode(tokenizer, lead + pair["rejected"]) + [eos]
     truncated = len(prompt_ids) + max(len(chosen), len(rejected)) > max_length
-    prompt_ids, (chosen, rejected) = _truncate(prompt_ids, [chosen, rejected], max_length, max_prompt_length)
+    prompt_ids, (chosen, rejected) = _truncate(prompt_ids, [chosen, rejected], max_length, max_prompt_length,
+                                               expected_bos(tokenizer))
     if chosen == rejected:
         why = f"over-long: chosen and rejected are identical after truncation to max_length={max_length}" if truncated \
             else "chosen and rejected are identical after tokenization"
@@ -360,7 +472,8 @@ def tokenize_sft(example: Mapping[str, Any], tokenizer, max_length: int, max_pro
     """``{"prompt", "response"}`` -> ``{"input_ids", "response_mask", "prompt_length"}`` (same policy as pairs)."""
     text, lead = render_prompt(example["prompt"], tokenizer)
     response = _encode(tokenizer, lead + example["response"]) + [_eos_id(tokenizer)]
-    prompt_ids, (response,) = _truncate(_encode(tokenizer, text), [response], max_length, max_prompt_length)
+    prompt_ids = prepend_bos(_encode(tokenizer, text), tokenizer)
+    prompt_ids, (response,) = _truncate(prompt_ids, [response], max_length, max_prompt_length, expected_bos(tokenizer))
     return {"input_ids": prompt_ids + response, "response_mask": [0] * len(prompt_ids) + [1] * len(response),
             "prompt_length": len(prompt_ids)}
 

@@ -116,3 +116,96 @@ def test_qadapter_learns_held_out_preference_with_bounded_kl():
         assert anchor_off["kl_prompt"] > after["kl_prompt"], (anchor_off, after)
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A pre-trained, template-less base model (the Llama-3.1-8B-for-HH situation): the default constants learn.
+# ----------------------------------------------------------------------------------------------------------------
+STYLE_A = ["yes", "no", "maybe", "so"]  # the majority style of the pre-training answers (70%)
+STYLE_B = ["Paris", "France", "capital", "sea"]  # the minority (30%): the new preference, which the base gives mass
+SUBJECTS = ["the quick brown fox", "the lazy dog", "a short poem", "the capital", "seven", "the sea", "one two"]
+VERBS = ["please explain", "describe", "summarize", "list", "write about"]
+
+
+def _text_prompt(rng):
+    return f"{rng.choice(VERBS)} {rng.choice(SUBJECTS)} ?"
+
+
+def _text_answer(rng, words):
+    return " ".join(rng.choice(words) for _ in range(rng.randint(2, 4)))
+
+
+def _text_pairs(tokenizer, n, seed):
+    import random
+
+    from qcore.data import tokenize_pair
+
+    rng = random.Random(seed)
+    return [tokenize_pair({"prompt": _text_prompt(rng), "chosen": _text_answer(rng, STYLE_B),
+                           "rejected": _text_answer(rng, STYLE_A)}, tokenizer, 64, 32) for _ in range(n)]
+
+
+def test_default_constants_learn_on_a_pretrained_template_less_model():
+    """A tiny Llama pre-trained here (200 steps) on BOS + prompt + answer texts from a base-style tokenizer (no chat
+    template, BOS added by the tokenizer), 70% style A answers, 30% style B. Q-Adapter with the default constants
+    (alpha_0 0.01, alpha_tilde 1, gamma 1, beta 0.1) trained on "B over A" pairs built by qcore.data.tokenize_pair
+    (which must put the BOS in front, as pre-training did) learns the preference on held-out prompts: the
+    length-normalized log-likelihood under pi_custom prefers the chosen answer on >= 90% of held-out pairs, from
+    < 20% before (the base prefers the majority style)."""
+    import random
+
+    from qcore.base_models import build_tiny_tokenizer
+    from qcore.data import collate_sft, tokenize_sft
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = build_tiny_tokenizer(chat_template=False, add_bos=True)
+        bos = tok.bos_token_id
+        torch.manual_seed(0)
+        hf = build_tiny_model(vocab_size=len(tok))
+        rng = random.Random(0)
+        opt = torch.optim.AdamW(hf.parameters(), lr=3e-3)
+        for _ in range(200):  # pre-training: every sequence starts with BOS, as the tokenizer encodes it
+            rows = [tokenize_sft({"prompt": _text_prompt(rng),
+                                  "response": _text_answer(rng, STYLE_A if rng.random() < 0.7 else STYLE_B)},
+                                 tok, 64, 32) for _ in range(32)]
+            b = collate_sft(rows, tok.pad_token_id)
+            loss = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        q_cfg = QConfig()  # the defaults
+        assert (q_cfg.alpha_0, q_cfg.alpha_tilde, q_cfg.gamma, q_cfg.beta) == (0.01, 1.0, 1.0, 0.1)
+        model = QAdapterModel.from_model(hf, AdapterConfig(rank=8, lora_alpha=16, dropout=0.0), q_cfg)
+        held_out = _text_pairs(tok, 64, seed=999)
+        for row in held_out:  # exactly one BOS, at the start
+            assert row["chosen_input_ids"][0] == bos and row["chosen_input_ids"].count(bos) == 1
+
+        def pair_accuracy():
+            batch = collate_pairs(held_out, tok.pad_token_id)
+            with torch.no_grad():
+                q, base = model.q_and_base_logits(batch["input_ids"], batch["attention_mask"])
+                logp = torch.log_softmax(model.customized_logits(q, base), -1)
+            taken = logp[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+            mask = batch["response_mask"][:, 1:].float()
+            mean = (taken * mask).sum(-1) / mask.sum(-1)
+            return (mean[:64] > mean[64:]).double().mean().item()
+
+        before = pair_accuracy()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        for step in range(150):
+            batch = collate_pairs(_text_pairs(tok, 16, seed=step), tok.pad_token_id)
+            out = model(batch["input_ids"], batch["attention_mask"])
+            loss, _ = compute_loss("qadapter", out.q_logits, out.base_logits, batch, q_cfg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        after = pair_accuracy()
+        print(f"\nheld-out pair accuracy under pi_custom: before {before:.3f}, after {after:.3f}")
+        assert before < 0.2, before
+        assert after >= 0.9, after
+    finally:
+        torch.set_num_threads(threads)
