@@ -116,3 +116,11 @@ def resolve_model_path(path: str) -> str:
             f"model.path '{path}' is neither a local Hugging Face directory nor one of 'tiny', 'smollm2-135m'"
         )
     return path
+
+
+if __name__ == "__main__":  # python -m qcore.base_models [tiny|smollm2-135m]: build / convert once, print the dir
+    import sys
+    import time
+
+    t = time.time()
+    print(resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"), f"{time.time() - t:.1f}s")

@@ -143,13 +143,3 @@ def convert_smollm2(out_dir: str | Path) -> Path:
     if is_converted(out):
         return out
     return convert_gguf(smollm2_gguf_path(), out)
-
-
-if __name__ == "__main__":  # python -m qcore.convert [OUT_DIR]
-    import sys
-
-    from qcore.base_models import cache_dir
-
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else cache_dir() / "smollm2-135m-instruct"
-    t = time.time()
-    print(convert_smollm2(target), f"{time.time() - t:.1f}s")
