@@ -28,10 +28,27 @@ WORKER_ENV = {
 }
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", WORKER_ENV["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"])
 
+# Object-store settings a worker needs to reach the same bucket as the driver (an S3-compatible endpoint such as
+# MinIO, the region, where the credentials live). Secrets themselves (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN) are never forwarded: a runtime_env is visible in the dashboard; set them where Ray runs.
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_CA_BUNDLE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+)
+
+
+def worker_env() -> dict[str, str]:
+    """WORKER_ENV plus this process's object-store settings (STORAGE_ENV): the env_vars of a stage's runtime_env."""
+    return {**WORKER_ENV, **{k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}}
+
 
 def cli_config(description: str, argv: list[str] | None = None) -> Config:
     """``--config profile.yaml`` plus dotted overrides (``--train.lr 1e-4``) -> validated Config."""
-    parser = argparse.ArgumentParser(description=description)
+    from qcore.config import config_help
+
+    parser = argparse.ArgumentParser(description=description, epilog=config_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML profile (default: configs/default.yaml)")
     args, rest = parser.parse_known_args(argv)
     path = args.config or str(Path(_ROOT) / "configs" / "default.yaml")
@@ -51,7 +68,7 @@ def init_ray(cfg: Config):
     os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")  # default 60 s: "Failed to start the dashboard"
     if ray.is_initialized():
         return ray
-    runtime_env = {"env_vars": WORKER_ENV}
+    runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(address="auto", runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -63,7 +80,10 @@ def init_ray(cfg: Config):
 def run_dir(cfg: Config) -> str:
     """``<storage_path>/<run name>``: a local absolute path, or a URI (s3://bucket/runs/name) kept as is."""
     base = cfg.run.storage_path
-    if "://" not in base:
+    if is_uri(base) and "?" in base:  # stage paths are joined onto it: a query string would end up mid-path
+        raise ValueError(f"config key 'run.storage_path' = {base!r}: no URI parameters; give the endpoint and "
+                         "credentials as environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
+    if not is_uri(base):
         base = str(Path(base).expanduser().resolve())
     return f"{base.rstrip('/')}/{cfg.run.name}"
 
@@ -75,11 +95,19 @@ def stage_dir(cfg: Config, stage: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Storage: local paths and pyarrow filesystem URIs (s3://, gs://, file://) through one small API
 # ----------------------------------------------------------------------------------------------------------------
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
 def resolve_fs(uri: str):
-    """``uri`` -> (pyarrow FileSystem, path on it). A plain path is local, resolved against the current directory."""
+    """``uri`` -> (pyarrow FileSystem, path on it). A plain path is local, resolved against the current directory.
+
+    S3-compatible stores take their endpoint, region and credentials from the environment (AWS_ENDPOINT_URL,
+    AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_SHARED_CREDENTIALS_FILE), as Ray does."""
     import pyarrow.fs as pafs
 
-    if "://" in uri:
+    uri = str(uri)
+    if is_uri(uri):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
@@ -162,6 +190,65 @@ def copy_file(src: str, dst: str) -> None:
     with sfs.open_input_stream(spath) as fin, dfs.open_output_stream(dpath) as fout:
         while chunk := fin.read(1 << 20):
             fout.write(chunk)
+
+
+def local_copy(uri: str) -> str:
+    """A local path holding ``uri`` (a file or a directory tree): a local path as is, a remote one downloaded once.
+
+    The download goes to ``<QADAPTER_CACHE>/remote/<hash of the URI>/<version>/<name>``; the version hashes every
+    file's relative path, size and modification time, so a rewritten remote copy (e.g. a retrained adapter) is
+    downloaded again and an unchanged one is reused. Concurrent callers (several actors on one node) each download
+    to a temporary sibling and the first rename wins: a reader never sees a partial copy."""
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, path = resolve_fs(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    path = path.rstrip("/")
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: not found")
+    if info.type == pafs.FileType.File:
+        files = [("", info.size, info.mtime_ns)]
+    else:
+        files = sorted((i.path[len(path) + 1:], i.size, i.mtime_ns)
+                       for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                       if i.type == pafs.FileType.File)
+    from qcore.base_models import cache_dir
+
+    base = cache_dir() / "remote" / hashlib.sha256(str(uri).rstrip("/").encode()).hexdigest()[:16]
+    version = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    name = path.rsplit("/", 1)[-1] or "root"
+    final = base / version
+    if not (final / ".complete").exists():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=base))
+        try:
+            for rel, _, _ in files:  # exactly the listed files: the version names what was downloaded
+                target = tmp / name / rel if rel else tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(f"{path}/{rel}" if rel else path) as fin, open(target, "wb") as fout:
+                    while chunk := fin.read(1 << 20):
+                        fout.write(chunk)
+            if info.type == pafs.FileType.Directory:
+                (tmp / name).mkdir(exist_ok=True)  # an empty remote directory is an empty local one
+            (tmp / ".complete").write_text(str(uri) + "\n")
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process finished first: its copy is the same version
+                if not (final / ".complete").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in base.iterdir():  # older versions of this URI (finished downloads only)
+            if old.name != version and not old.name.startswith(".download-"):
+                shutil.rmtree(old, ignore_errors=True)
+    return str(final / name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

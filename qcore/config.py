@@ -6,8 +6,11 @@ A run is configured by one YAML profile (``configs/*.yaml``) plus dotted CLI ove
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +28,42 @@ class ModelConfig:
     # A local Hugging Face causal-LM directory; "smollm2-135m" = the embedded default (converted once, cached);
     # "tiny" = a tiny random-init Llama built on the fly (tests, install checks).
     path: str = "smollm2-135m"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # auto | float32 | bfloat16 | float16: the frozen base weights and their matmuls in training, evaluation and
+    # replay (LoRA weights, their optimizer state and the loss's reductions stay float32). "auto" is replaced when
+    # the config is built: bfloat16 on GPU (train.use_gpu) or on a CPU with native bf16 (avx512_bf16 / amx_bf16 /
+    # aarch64 bf16 flag), float32 elsewhere: without those flags a bf16 matmul runs 6-70x slower than float32.
+    dtype: str = "auto"
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None  # None = transformers' default (sdpa where available)
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        self._dtype_auto = self.dtype == "auto"  # not a field: to_dict() carries the resolved name to the workers
+        if self._dtype_auto:
+            self.dtype = "bfloat16" if ModelConfig.cpu_native_bf16()[0] else "float32"
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def cpu_native_bf16() -> tuple[bool, str]:
+        """(whether this machine's CPU multiplies bf16 natively, the flag found or why not), from /proc/cpuinfo."""
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError as err:
+            return False, f"CPU flags unreadable ({err.__class__.__name__})"
+        flags: set[str] = set()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):  # x86 | aarch64
+                flags.update(value.split())
+        found = [f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in flags]
+        return (True, found[0]) if found else (False, "no avx512_bf16 / amx_bf16 / bf16 CPU flag")
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def log_auto_float32(reason: str) -> None:
+        """Once per process: say that model.dtype auto chose float32, and why."""
+        logging.getLogger("qadapter.config").warning(
+            "model.dtype auto -> float32: %s on this CPU (bf16 matmuls would be emulated, slower)", reason)
 
 
 @dataclass
@@ -62,6 +97,7 @@ class DataConfig:
     max_prompt_length: int = 256
     eval_fraction: float = 0.05
     fail_fast: bool = False  # first invalid row raises instead of being counted and written to rejects
+    max_reject_fraction: float = 0.5  # the stage fails when more of the records read are rejected (1 = never)
     seed: int = 0
 
 
@@ -70,8 +106,10 @@ class TrainConfig:
     objective: str = "qadapter"  # qadapter | dpo | sft | replay
     dpo_beta: float = 0.1
     fused: bool = True  # qadapter/dpo: the fused loss (qcore.fused); false = full [2B, L, V] logits (slower)
-    replay_fraction: float = 0.5  # replay: share of each epoch's rows that are the base model's own answers
-    replay_max_new_tokens: int = 64  # replay: length cap of those greedy answers
+    # replay (pipelines/replay.py), as the authors build it: every chosen response PLUS the base model's greedy
+    # answer to each distinct training prompt; -1 = one per distinct prompt, k >= 0 = the first k prompts only
+    replay_count: int = -1
+    replay_max_new_tokens: int = 256  # replay: length cap of those greedy answers (the authors' 256)
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -96,10 +134,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint_metric: str = "eval_loss"
     checkpoint_mode: str = "min"
-    max_failures: int = 0
+    max_failures: int = 0  # worker-group restarts Ray Train may make; -1 = retry without end
     resume_from: Optional[str] = None
     fail_at_step: int = -1  # fault injection for tests: rank 0 calls os._exit at this step, once
     seed: int = 0
+    # per compared method, dotted overrides of its training run: a learning rate fit for each method, e.g.
+    # {dpo: {train.lr: 5.0e-4}, sft: {train.lr: 1.0e-3}} (pipelines/full.py applies them; one shared budget stays)
+    method_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,21 +168,25 @@ class TuneConfig:
 
 @dataclass
 class LmEvalConfig:
-    """Forgetting, measured with lm-evaluation-harness through the project's lm-eval model type (every policy)."""
+    """Forgetting, measured with lm-evaluation-harness through the project's lm-eval model type (every policy):
+    pipelines/forgetting.py."""
 
     tasks: list[str] = field(default_factory=list)  # e.g. [qadapter_probe_gen, qadapter_probe_mc] or [mmlu, gsm8k_cot]
     include_path: Optional[str] = None  # a folder of task YAMLs (the repo's data/lm_eval is always included)
-    limit: Optional[int] = None  # items per task (None = all)
+    limit: Optional[int] = None  # items per task (None = all); lm-eval applies it to each subtask of a group
+    task_limits: dict[str, int] = field(default_factory=dict)  # per-task limit overriding `limit`, e.g. {gsm8k_cot: 200}
     num_fewshot: Optional[int] = None  # None = each task's own default
     batch_size: int = 8
+    apply_chat_template: Optional[bool] = None  # None = where the tokenizer has a chat template (few-shot as turns)
+    metrics: dict[str, str] = field(default_factory=dict)  # task -> "metric,filter" reported (default: per task)
 
 
 @dataclass
 class EvalConfig:
+    JUDGES = ("pairs", "oracle", "reward_model", "llm_judge")  # eval.judges' names (a class constant, not a key)
     enabled: bool = True
     prompts_file: Optional[str] = None  # held-out prompts (jsonl with "prompt"); None = the run's own eval split
-    probe_file: Optional[str] = None  # capability probe (jsonl with "question", "answer"); None = no probe
-    max_prompts: int = 200
+    max_prompts: int = 200  # held-out prompts answered for the generation judges (<= 0: all)
     max_new_tokens: int = 64
     batch_size: int = 16
     num_actors: int = 1
@@ -151,7 +196,8 @@ class EvalConfig:
     # each policy, any data) | reward_model (eval.reward_model) | llm_judge (eval.judge_model or eval.judge_url) |
     # oracle (the embedded default's conciseness oracle)
     judges: list[str] = field(default_factory=lambda: ["pairs"])
-    max_pairs: int = 200  # held-out pairs scored by the pairs judge
+    max_pairs: int = 200  # held-out pairs scored by the pairs judge (<= 0: all)
+    kl: bool = True  # KL(policy || base) over the answers generated for a generation judge (costs the base pass)
     reward_model: Optional[str] = None  # a local Hugging Face sequence-classification model directory
     judge_model: Optional[str] = None  # llm_judge: a local instruct model directory ("smollm2-135m" works)
     judge_url: Optional[str] = None  # llm_judge: an OpenAI-compatible endpoint (base URL ending in /v1)
@@ -184,6 +230,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
+        if getattr(self.model, "_dtype_auto", False):  # model.dtype auto: GPUs multiply bf16 natively
+            if self.train.use_gpu:
+                self.model.dtype = "bfloat16"
+            elif self.model.dtype == "float32":
+                ModelConfig.log_auto_float32(ModelConfig.cpu_native_bf16()[1])
         checks = [
             ("q.variant", self.q.variant in ("paper", "bellman"), "must be 'paper' or 'bellman'"),
             ("q.mask_alignment", self.q.mask_alignment in ("standard", "authors"), "must be 'standard' or 'authors'"),
@@ -193,16 +244,18 @@ class Config:
             ("q.chunk_size", self.q.chunk_size > 0, "must be > 0"),
             ("adapter.rank", self.adapter.rank > 0, "must be > 0"),
             ("adapter.dropout", 0 <= self.adapter.dropout < 1, "must be in [0, 1)"),
-            ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"), "must be float32|bfloat16|float16"),
+            ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
+             "must be auto|float32|bfloat16|float16"),
             ("data.format", self.data.format in ("auto", "string", "conversational", "hh", "dsp"),
              "must be auto|string|conversational|hh|dsp"),
             ("data.max_length", self.data.max_length > 1, "must be > 1"),
             ("data.max_prompt_length", 0 < self.data.max_prompt_length < self.data.max_length,
              "must be in (0, data.max_length)"),
             ("data.eval_fraction", 0 <= self.data.eval_fraction < 1, "must be in [0, 1)"),
+            ("data.max_reject_fraction", 0 <= self.data.max_reject_fraction <= 1, "must be in [0, 1]"),
             ("train.objective", self.train.objective in ("qadapter", "dpo", "sft", "replay"),
              "must be qadapter|dpo|sft|replay"),
-            ("train.replay_fraction", 0 <= self.train.replay_fraction < 1, "must be in [0, 1)"),
+            ("train.replay_count", self.train.replay_count >= -1, "must be -1 (one per distinct prompt) or >= 0"),
             ("train.replay_max_new_tokens", self.train.replay_max_new_tokens >= 1, "must be >= 1"),
             ("train.num_workers", self.train.num_workers >= 1, "must be >= 1"),
             ("train.zero_stage", self.train.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
@@ -215,13 +268,103 @@ class Config:
             ("tune.mode", self.tune.mode in ("min", "max"), "must be min|max"),
             ("tune.scheduler", self.tune.scheduler in ("asha", "fifo"), "must be asha|fifo"),
             ("tune.num_samples", self.tune.num_samples >= 1, "must be >= 1"),
+            ("eval.judges", set(self.eval.judges) <= set(EvalConfig.JUDGES) and len(set(self.eval.judges)) == len(
+                self.eval.judges), f"must be distinct names of {'|'.join(EvalConfig.JUDGES)}"),
+            ("eval.reward_model", "reward_model" not in self.eval.judges or bool(self.eval.reward_model),
+             "must name a local reward model directory when eval.judges has reward_model"),
+            ("eval.judge_model", "llm_judge" not in self.eval.judges or bool(self.eval.judge_model or
+                                                                          self.eval.judge_url),
+             "(or eval.judge_url) must be set when eval.judges has llm_judge"),
+            ("eval.bootstrap_samples", self.eval.bootstrap_samples >= 1, "must be >= 1"),
+            ("eval.confidence", 0 < self.eval.confidence < 1, "must be in (0, 1)"),
+            ("eval.batch_size", self.eval.batch_size >= 1, "must be >= 1"),
+            ("eval.lm_eval.batch_size", self.eval.lm_eval.batch_size >= 1, "must be >= 1"),
         ]
+        checks += self._range_checks()
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {_get(self, key)!r}: {why}")
-        for key in self.tune.space:
-            _get(self, key)  # every searched key must exist
+        self._check_lists()
+        for method, over in self.train.method_overrides.items():
+            if method not in ("qadapter", "dpo", "sft", "replay"):
+                raise ConfigError(f"config key 'train.method_overrides.{method}': unknown method (expected "
+                                  f"qadapter|dpo|sft|replay)")
+            if not isinstance(over, dict):
+                raise ConfigError(f"config key 'train.method_overrides.{method}': expected a mapping of dotted "
+                                  f"keys, got {over!r}")
+            for key in flat_overrides(over):
+                if key.split(".")[0] in ("run", "eval") or key == "train.method_overrides":
+                    raise ConfigError(f"config key 'train.method_overrides.{method}.{key}': only model, adapter, "
+                                      f"q, data and train keys can differ between methods")
+                try:
+                    _get(self, key)
+                except ConfigError:
+                    raise ConfigError(f"config key 'train.method_overrides.{method}': unknown config key "
+                                      f"'{key}'") from None
         return self
+
+    def _range_checks(self) -> list[tuple[str, bool, str]]:
+        """Ranges a run would otherwise only discover deep inside a stage (or never: a NaN lr trains nothing)."""
+        finite = ["train.lr", "train.weight_decay", "train.dpo_beta", "train.max_grad_norm", "q.alpha_0",
+                  "q.alpha_tilde", "q.beta", "q.gamma", "adapter.dropout", "train.cpus_per_worker"]
+        name = self.run.name
+        return [(k, math.isfinite(_get(self, k)), "must be a finite number") for k in finite] + [
+            ("q.gamma", 0 < self.q.gamma <= 1, "must be in (0, 1]"),
+            ("adapter.lora_alpha", self.adapter.lora_alpha > 0, "must be > 0"),
+            ("train.dpo_beta", self.train.dpo_beta > 0, "must be > 0"),
+            ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
+            ("train.max_steps", self.train.max_steps == -1 or self.train.max_steps >= 1, "must be -1 or >= 1"),
+            ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, "must be >= 1"),
+            ("train.max_failures", self.train.max_failures >= -1, "must be >= -1 (-1 = retry without end)"),
+            ("train.max_grad_norm", self.train.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
+            ("train.weight_decay", self.train.weight_decay >= 0, "must be >= 0"),
+            ("train.cpus_per_worker", self.train.cpus_per_worker > 0, "must be > 0"),
+            ("train.report_every", self.train.report_every >= 1, "must be >= 1"),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 1, "must be >= 1"),
+            ("tune.num_workers", self.tune.num_workers >= 1, "must be >= 1"),
+            ("tune.max_steps", self.tune.max_steps == -1 or self.tune.max_steps >= 1, "must be -1 or >= 1"),
+            ("tune.grace_period", self.tune.grace_period >= 1, "must be >= 1"),
+            ("tune.max_concurrent_trials", self.tune.max_concurrent_trials >= 0, "must be >= 0 (0 = from the cluster)"),
+            ("eval.max_new_tokens", self.eval.max_new_tokens >= 1, "must be >= 1"),
+            ("eval.num_actors", self.eval.num_actors >= 1, "must be >= 1"),
+            ("run.name", bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+             and not name.startswith("."), "must be a plain name (no '/', not '.' or '..', not hidden)"),
+            ("run.num_cpus", self.run.num_cpus is None or self.run.num_cpus >= 1, "must be null or >= 1"),
+        ]
+
+    def _check_lists(self) -> None:
+        """eval.methods, eval.dial and tune.space, item by item: one error naming the item."""
+        for i, method in enumerate(self.eval.methods):
+            if method not in ("base", "qadapter", "dpo", "sft", "replay"):
+                raise ConfigError(f"config key 'eval.methods[{i}]' = {method!r}: must be qadapter|dpo|sft|replay "
+                                  f"(or base)")
+        if len(set(self.eval.methods)) != len(self.eval.methods):
+            raise ConfigError(f"config key 'eval.methods' = {self.eval.methods!r}: a method is named twice")
+        for i, setting in enumerate(self.eval.dial):
+            where = f"eval.dial[{i}]"
+            if not isinstance(setting, dict) or not setting or set(setting) - {"alpha_0", "alpha_tilde"}:
+                raise ConfigError(f"config key '{where}' = {setting!r}: expected {{alpha_0: .., alpha_tilde: ..}}")
+            for k, v in setting.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ConfigError(f"config key '{where}.{k}' = {v!r}: must be a finite number")
+            if setting.get("alpha_0", 0) < 0 or setting.get("alpha_tilde", 1) <= 0:
+                raise ConfigError(f"config key '{where}' = {setting!r}: needs alpha_0 >= 0 and alpha_tilde > 0")
+        for key, spec in self.tune.space.items():
+            where = f"tune.space.{key}"
+            _get(self, key)  # every searched key must exist
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if kind == "choice":
+                ok = isinstance(spec.get("values"), list) and len(spec["values"]) > 0
+                why = "a choice needs a non-empty list 'values'"
+            elif kind in ("uniform", "loguniform"):
+                low, high = spec.get("low"), spec.get("high")
+                ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (low, high)) \
+                    and low < high and (kind == "uniform" or low > 0)
+                why = f"a {kind} range needs numbers low < high" + (" (low > 0)" if kind == "loguniform" else "")
+            else:
+                ok, why = False, "expected {type: choice|uniform|loguniform, ...}"
+            if not ok:
+                raise ConfigError(f"config key '{where}' = {spec!r}: {why}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,6 +374,42 @@ class Config:
         data = self.to_dict()
         picked = {s: data[s] for s in (sections or data)}
         return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_keys(cls: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every config key as (dotted key, type, default), in declaration order: what ``--help`` lists and what the
+    README's configuration table is checked against (tests/test_config.py)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            out += config_keys(typ, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = getattr(typ, "__name__", None) if typing.get_origin(typ) is None else None
+        out.append((f"{prefix}{f.name}", name or str(typ).replace("typing.", ""), default))
+    return out
+
+
+def config_help() -> str:
+    """The ``--help`` epilog: one line per key with its type and default."""
+    lines = ["config keys (override with --section.key VALUE or section.key=VALUE; defaults from qcore/config.py):"]
+    for key, typ, default in config_keys():
+        lines.append(f"  {key:32s} {typ:24s} {json.dumps(default, default=str)}")
+    return "\n".join(lines)
+
+
+def flat_overrides(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} or {"train.lr": 1} -> {"train.lr": 1} (YAML and dotted CLI forms of override maps)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_overrides(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -247,8 +426,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "~", "none")):
+            return None  # --eval.prompts_file null unsets an optional key
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
     if isinstance(value, str) and typ in (int, float):
@@ -343,8 +522,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     i = 0
     while i < len(args):
         arg = args[i]
+        if not arg.startswith("--") and "=" in arg and "." in arg.split("=", 1)[0]:  # Hydra style: train.lr=1e-4
+            arg = "--" + arg
         if not arg.startswith("--") or len(arg) <= 2:
-            raise ConfigError(f"expected --section.key VALUE, got {arg!r}")
+            raise ConfigError(f"expected --section.key VALUE or section.key=VALUE, got {arg!r}")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
