@@ -57,3 +57,32 @@ def test_rerun_skips_finished_preprocess(ray_session, tmp_path, capsys):
 
 
 # The whole DAG end to end (and its all-cached rerun) runs in tests/test_multinode.py, submitted to a 2-node cluster.
+
+
+@pytest.mark.timeout(420)
+def test_training_stages_run_side_by_side(ray_session, tmp_path, capsys):
+    """The DAG starts every baseline as soon as preprocessing is done and the cluster has room: with two 1-worker
+    trainings on the 4-CPU session (one CPU kept for Ray Data), the two runs overlap in time (the manifest keeps
+    when each stage task started and ended). A stage that fails fails the run with its name, after the stage
+    running next to it has finished and been recorded as finished (cached for the next run)."""
+    argv = _argv(tmp_path, "--stop-after", "train", "--tune.enabled", "false", "--eval.methods", "[dpo, sft]",
+                 "--train.num_workers", "1")
+    full.main(argv)
+    stages = _manifest(tmp_path).data["stages"]
+    (a0, a1), (b0, b1) = stages["train/dpo"]["ran"], stages["train/sft"]["ran"]
+    assert stages["train/dpo"]["status"] == stages["train/sft"]["status"] == "finished"
+    assert max(a0, b0) < min(a1, b1), (stages["train/dpo"]["ran"], stages["train/sft"]["ran"])  # they overlapped
+    capsys.readouterr()
+
+    # sft fails at its first step (fault injection, no retries); dpo, already cached, is skipped; qadapter runs
+    # next to the failing sft and is recorded as finished before the run fails
+    with pytest.raises(full.StageFailed, match=r"stage train/sft failed"):
+        full.main(_argv(tmp_path, "--stop-after", "train", "--tune.enabled", "false", "--train.num_workers", "1",
+                        "--eval.methods", "[dpo, sft, qadapter]",
+                        "--train.method_overrides.sft.train.fail_at_step", "1"))
+    out = capsys.readouterr().out
+    assert "skip train/dpo (cached)" in out
+    stages = _manifest(tmp_path).data["stages"]
+    assert stages["train/sft"]["status"] == "failed" and stages["train/qadapter"]["status"] == "finished"
+    assert "fail_at_step" not in stages["train/qadapter"]["config"]["train"] or \
+        stages["train/qadapter"]["config"]["train"]["fail_at_step"] == -1  # sft's override stays sft's
