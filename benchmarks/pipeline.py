@@ -33,6 +33,23 @@ def summarize(manifest: dict) -> dict:
     return {"run_wall_s": manifest.get("wall_s"), "stages": rows}
 
 
+def critical_path(manifest: dict) -> tuple[float, list[str]]:
+    """The longest chain of stage wall times through the DAG (each entry's ``deps``, as pipelines/full.py records
+    them): what the run would take with unlimited resources. Cached stages count 0."""
+    stages = manifest.get("stages", {})
+    best: dict[str, tuple[float, list[str]]] = {}
+
+    def longest(name: str) -> tuple[float, list[str]]:
+        if name not in best:
+            e = stages.get(name) or {}
+            own = float(e.get("wall_s") or 0.0) if e.get("status") == "finished" else 0.0
+            before = max((longest(d) for d in e.get("deps", []) if d in stages), default=(0.0, []))
+            best[name] = (before[0] + own, before[1] + [name])
+        return best[name]
+
+    return max((longest(n) for n in stages), default=(0.0, []))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -86,6 +103,10 @@ def main(argv=None):
     print(f"   {'run (manifest)':<30}{total if total is None else f'{total:.1f}':>10}")
     if proc_wall is not None:
         print(f"   {'process (incl. ray.init)':<30}{proc_wall:>10.1f}")
+    with open(path) as f:
+        crit, chain = critical_path(json.load(f))
+    summary["critical_path_s"], summary["critical_path"] = crit, chain
+    print(f"   {'critical path':<30}{crit:>10.1f}   ({' -> '.join(chain)})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
@@ -94,6 +115,7 @@ def main(argv=None):
         for r in summary["stages"]:
             if r["wall_s"] is not None:
                 print(_common.fmt_ratio(f"{r['stage']} / run", r["wall_s"] / total))
+        print(_common.fmt_ratio("critical path / run (1.0 = no stage overlapped another)", crit / total))
 
 
 if __name__ == "__main__":
