@@ -124,11 +124,13 @@ class StageFailed(RuntimeError):
     """A stage of the run failed; the message names it and carries its error."""
 
 
-def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume: bool) -> dict[str, Any]:
+def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume: bool,
+              only: str | None = None) -> dict[str, Any]:
     """Run the DAG: a stage starts as soon as its deps are finished and its (CPU, GPU) demand fits what the running
     stages leave of the cluster (one CPU stays free for Ray Data tasks, which a fully booked cluster starves).
     A cached stage (same key, finished, outputs present) is skipped. After a failure no new stage starts; the
-    running ones finish and are recorded (cached for the next run); then StageFailed names the first failure."""
+    running ones finish and are recorded (cached for the next run); then StageFailed names the first failure.
+    ``only``: run that stage alone; every other stage must be cached (a standalone stage command)."""
     import json
 
     import ray
@@ -159,13 +161,20 @@ def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume
                     progressed = True
                     continue
                 key, config, inputs, out_dir, module, func, args, stage_cfg = spec
-                if resume and (hit := manifest.cached(node.name, key)) is not None:
+                hit = manifest.cached(node.name, key) if resume or (only and node.name != only) else None
+                if hit is not None:
                     print(f"skip {node.name} (cached)  {out_dir}", flush=True)
                     manifest.skip(node.name, hit)
                     outputs[node.name] = hit["outputs"]
                     waiting.remove(node)
                     progressed = True
                     continue
+                if only and node.name != only:
+                    command = f"pipelines/{module}.py" if module != "train" else \
+                        f"pipelines/train.py --train.objective {node.name.split('/')[1]}"
+                    raise StageFailed(f"stage {only} needs the outputs of stage {node.name} with this config (key "
+                                      f"{key}), and they are not in {manifest.path}: run `python {command}` "
+                                      f"(or pipelines/full.py) with the same config first")
                 demand = _demand(stage_cfg, node.name)
                 if not fits(demand):
                     continue
@@ -209,11 +218,20 @@ def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume
     return outputs
 
 
-def run_pipeline(cfg: Config, stop_after: str | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: Config, stop_after: str | None = None, only: str | None = None) -> dict[str, Any]:
     """Run the stage DAG (cached stages skipped); returns ``{stage: outputs}`` and prints where they went.
 
     preprocess -> tune (if enabled) -> train/qadapter (with Tune's best values); preprocess -> train/<baseline>
-    next to the sweep; every train -> evaluate -> report."""
+    next to the sweep; every train -> evaluate -> report. ``only`` (``preprocess``, ``tune``, ``train/<method>``,
+    ``evaluate``, ``report``): run just that stage on the cached outputs of the stages before it (what the
+    standalone ``pipelines/<stage>.py --config X`` commands do, so that they chain with the same config)."""
+    if only is not None:
+        stop_after = only.split("/")[0]
+        if stop_after == "train":
+            method = only.split("/", 1)[1] if "/" in only else cfg.train.objective
+            only = f"train/{method}"
+            if method not in methods_of(cfg):
+                cfg = apply_overrides(cfg, {"eval.methods": [method]})
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"--stop-after: expected one of {', '.join(STAGES)}, got {stop_after!r}")
     root = common.run_dir(cfg)
@@ -295,17 +313,25 @@ def run_pipeline(cfg: Config, stop_after: str | None = None) -> dict[str, Any]:
         nodes.append(_Node("tune", ["preprocess"], build_tune))
     if "train" in wanted:
         nodes += [_Node(f"train/{m}", ["preprocess"] + (["tune"] if m == "qadapter" else []), build_train(m))
-                  for m in methods]
+                  for m in methods if only is None or not only.startswith("train/") or only == f"train/{m}"]
     if "evaluate" in wanted:
         nodes.append(_Node("evaluate", ["preprocess", *train_names], build_evaluate))
     if "report" in wanted:
         nodes.append(_Node("report", ["preprocess", "tune", *train_names, "evaluate"], build_report))
+    if only is not None:  # just the stage and what it reads
+        by_name, keep, todo = {n.name: n for n in nodes}, set(), [only]
+        while todo:
+            name = todo.pop()
+            if name in by_name and name not in keep:
+                keep.add(name)
+                todo += by_name[name].deps
+        nodes = [n for n in nodes if n.name in keep]
     try:
-        done = _schedule(cfg, manifest, nodes, cfg.run.resume)
+        done = _schedule(cfg, manifest, nodes, cfg.run.resume, only)
     finally:
         manifest.data["wall_s"] = round(time.time() - t_start, 3)
         manifest.save()
-    results = _results(done, methods)
+    results = _results(done, [m for m in methods if f"train/{m}" in done])
     if done.get("report") is not None:  # the run's front page: report.md/json (and their plots) at the run dir's top
         out = common.join(root, "report", keys["report"])
         for rel in ("report.md", "report.json", *(f"plots/{f}" for f in common.list_files(common.join(out, "plots")))):

@@ -40,36 +40,23 @@ if _ROOT not in sys.path:
 from pipelines.common import cli_config, init_ray, stage_dir  # noqa: E402
 from qcore.config import Config, ConfigError, apply_overrides, config_from_dict  # noqa: E402
 
-SPACE_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
 # Final metrics shown in the results table next to the searched keys (those present).
 TABLE_METRICS = ("eval_loss", "loss", "eval_rewards/accuracies", "eval_rewards/margins", "step")
 
 
 def build_space(space: dict[str, Any]) -> dict[str, Any]:
-    """``tune.space`` -> a Tune param_space over the same dotted keys."""
+    """``tune.space`` -> a Tune param_space over the same dotted keys (validated with the config: see
+    ``Config._check_lists``)."""
     from ray import tune
 
     out = {}
     for key, spec in space.items():
-        if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
-            raise ConfigError(f"config key 'tune.space.{key}': expected a mapping with type one of {SPACE_TYPES}, "
-                              f"got {spec!r}")
         kind = spec["type"]
-        try:
-            if kind in ("choice", "grid"):
-                values = list(spec["values"])
-                if not values:
-                    raise ConfigError(f"config key 'tune.space.{key}': 'values' is empty")
-                out[key] = tune.choice(values) if kind == "choice" else tune.grid_search(values)
-            else:
-                low, high = spec["low"], spec["high"]
-                if not low < high or (kind == "loguniform" and low <= 0):
-                    raise ConfigError(f"config key 'tune.space.{key}': need 0 < low < high for loguniform, "
-                                      f"low < high otherwise; got low={low!r}, high={high!r}")
-                out[key] = {"uniform": tune.uniform, "loguniform": tune.loguniform,
-                            "randint": tune.randint}[kind](low, high)
-        except KeyError as e:
-            raise ConfigError(f"config key 'tune.space.{key}': missing {e.args[0]!r} for type {kind!r}") from None
+        if kind in ("choice", "grid"):
+            out[key] = tune.choice(list(spec["values"])) if kind == "choice" else tune.grid_search(list(spec["values"]))
+        else:
+            out[key] = {"uniform": tune.uniform, "loguniform": tune.loguniform,
+                        "randint": tune.randint}[kind](spec["low"], spec["high"])
     return out
 
 
@@ -250,7 +237,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--out", default=None, help="output directory (default runs/<run.name>/tune)")
     args, rest = parser.parse_known_args(argv)
     cfg = cli_config("Hyperparameter sweep of the train stage with Ray Tune", rest)
-    out = tune_stage(cfg, args.data or stage_dir(cfg, "preprocess"), args.out or stage_dir(cfg, "tune"))
+    if args.data is None and args.out is None:  # chain: the preprocess run of this config, recorded in its manifest
+        from pipelines import full
+
+        init_ray(cfg)
+        out = full.run_pipeline(cfg, only="tune")["tune"]
+    else:
+        out = tune_stage(cfg, args.data or stage_dir(cfg, "preprocess"), args.out or stage_dir(cfg, "tune"))
     print(json.dumps({k: out[k] for k in ("best_overrides", "results_md", "best_config_yaml", "logdir")}, indent=2))
     return out
 

@@ -353,16 +353,16 @@ class Config:
             where = f"tune.space.{key}"
             _get(self, key)  # every searched key must exist
             kind = spec.get("type") if isinstance(spec, dict) else None
-            if kind == "choice":
+            if kind in ("choice", "grid"):
                 ok = isinstance(spec.get("values"), list) and len(spec["values"]) > 0
-                why = "a choice needs a non-empty list 'values'"
-            elif kind in ("uniform", "loguniform"):
+                why = f"a {kind} needs a non-empty list 'values'"
+            elif kind in ("uniform", "loguniform", "randint"):
                 low, high = spec.get("low"), spec.get("high")
                 ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (low, high)) \
-                    and low < high and (kind == "uniform" or low > 0)
+                    and low < high and (kind != "loguniform" or low > 0)
                 why = f"a {kind} range needs numbers low < high" + (" (low > 0)" if kind == "loguniform" else "")
             else:
-                ok, why = False, "expected {type: choice|uniform|loguniform, ...}"
+                ok, why = False, "expected {type: choice|grid|uniform|loguniform|randint, ...}"
             if not ok:
                 raise ConfigError(f"config key '{where}' = {spec!r}: {why}")
 

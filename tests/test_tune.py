@@ -36,10 +36,10 @@ def test_space_and_trial_plan():
                          "q.beta": {"type": "uniform", "low": 0.0, "high": 1.0}})
     assert isinstance(space["adapter.rank"], tune.search.sample.Categorical)
     assert space["train.lr"].lower == 1e-5 and space["train.lr"].upper == 1e-3
+    with pytest.raises(ConfigError, match="tune.space.q.beta"):  # checked with the config, before any stage
+        config_from_dict({"tune": {"space": {"q.beta": {"type": "loguniform", "low": 0.0, "high": 1.0}}}})
     with pytest.raises(ConfigError, match="tune.space.q.beta"):
-        build_space({"q.beta": {"type": "loguniform", "low": 0.0, "high": 1.0}})
-    with pytest.raises(ConfigError, match="tune.space.q.beta"):
-        build_space({"q.beta": {"type": "normal", "low": 0.0, "high": 1.0}})
+        config_from_dict({"tune": {"space": {"q.beta": {"type": "normal", "low": 0.0, "high": 1.0}}}})
     cfg = config_from_dict({"train": {"num_workers": 2, "max_steps": 10, "fail_at_step": 3, "report_every": 3,
                                       "checkpoint_every": 4, "micro_batch_size": 2},
                             "tune": {"num_workers": 1, "max_steps": 9}})
