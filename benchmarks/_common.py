@@ -47,6 +47,15 @@ def machine() -> dict:
     info = {"cpus": os.cpu_count(), "mem_gib": mem_gib, "python": platform.python_version(),
             "platform": platform.platform(), "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    from qcore.config import ModelConfig
+
+    native, why = ModelConfig.cpu_native_bf16()
+    info["cpu_native_bf16"] = why if native else f"no ({why})"
+    try:
         import torch
 
         info["torch"] = torch.__version__
@@ -88,6 +97,23 @@ def interleaved(peers: dict[str, Callable[[], None]], rounds: int, warmup: int =
             last = ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names if r >= warmup)
             print(f"   {tag}: {last or 'done'} (load {loadavg()})", flush=True)
     return times
+
+
+def matmul_probe(m: int, k: int, n: int, dtype, reps: int = 4, seed: int = 0) -> tuple[Callable[[], None], float]:
+    """(a call doing ``reps`` ``F.linear`` products [m, k] x [n, k]^T in ``dtype``, its FLOPs): timed beside the
+    peers, it measures the matmul peak of this machine, threads and load as they are."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+
+    def run():
+        for _ in range(reps):
+            F.linear(x, w)
+
+    return run, 2.0 * m * k * n * reps
 
 
 def median(xs: list[float]) -> float:

@@ -1,17 +1,20 @@
-"""Replay data: the base model's own greedy answers to the training prompts, mixed into the SFT rows.
+"""Replay data: the base model's own greedy answers to the training prompts, added to the chosen SFT rows.
 
 The paper's Replay baseline (docs/method.md) is SFT on the chosen responses plus the base model's greedy answers to
-the training prompts: the base answers pull the adapter back toward what the model already did. Same budget as the
-other methods: an epoch holds the same number of rows as the one it replaces, with a fraction
-``train.replay_fraction`` of them base answers:
+the training prompts, built as the authors' make_replay_data.py builds it: the training set keeps every row, and one
+row is ADDED per distinct training prompt, its response the base model's greedy answer (at most
+``train.replay_max_new_tokens`` tokens, 256 in their code). So the full mix is
 
-    B   = rows one epoch of training consumes: n_train, or max_steps x micro_batch x accumulation x workers if fewer
-    n_r = min(#distinct training prompts, round(B x replay_fraction))   base answers (one per distinct prompt)
-    n_c = B - n_r                                                      chosen responses (the first n_c pair rows)
+    N chosen rows (every training pair's chosen response) + R base answers,
+    R = #distinct training prompts (``train.replay_count`` -1, the authors' default) or the first k of them (k >= 0)
 
-The two kinds are interleaved evenly (training reads nearly in file order), so any stretch of training sees about
-the same mix. Generation runs as Ray Data batch inference on the evaluation actors (``PolicyEvaluator`` with no
-adapter = the base policy), ``cfg.eval.batch_size`` prompts per call on ``cfg.eval.num_actors`` actors.
+and an epoch over it is N + R rows long. The two kinds are interleaved evenly (training reads nearly in file order),
+so any stretch of training sees the same N : R mix. A step budget (``train.max_steps``) that reads only
+B = max_steps x micro_batch x accumulation x workers < N + R rows keeps the first B rows of that interleaved mix, so
+the run sees the authors' proportion and generates only the answers it will read.
+
+Generation runs as Ray Data batch inference on the evaluation actors (``PolicyEvaluator`` with no adapter = the base
+policy, in ``model.dtype``), ``cfg.eval.batch_size`` prompts per call on ``cfg.eval.num_actors`` actors.
 
 Output ``<out_dir>/train`` and ``<out_dir>/eval`` (Parquet rows of ``qcore.data.tokenize_sft``: input_ids,
 response_mask, prompt_length, plus kind ("chosen" | "replay"), prompt_json, response) and ``replay.json``.
@@ -29,13 +32,17 @@ MIX_COLUMNS = ["kind", "prompt_json", "response", "input_ids", "response_mask", 
 
 
 def replay_counts(cfg: Config, n_train: int, n_prompts: int) -> tuple[int, int]:
-    """(n_chosen, n_replay) for an epoch of the same size as the pair epoch it replaces (see the module doc)."""
+    """(n_chosen, n_replay) of the mix this run trains on: all N = n_train chosen rows + R base answers, or the
+    first B rows of their even interleaving when the step budget reads only B < N + R rows (see the module doc)."""
     tc = cfg.train
-    budget = n_train
-    if tc.max_steps > 0:
-        budget = min(n_train, tc.max_steps * tc.micro_batch_size * tc.grad_accumulation * tc.num_workers)
-    n_replay = min(n_prompts, int(round(budget * tc.replay_fraction)))
-    return budget - n_replay, n_replay
+    n_replay = n_prompts if tc.replay_count < 0 else min(tc.replay_count, n_prompts)
+    if tc.max_steps <= 0:
+        return n_train, n_replay
+    budget = tc.max_steps * tc.micro_batch_size * tc.grad_accumulation * tc.num_workers
+    if budget >= n_train + n_replay:
+        return n_train, n_replay
+    head = interleave([0] * n_train, [1] * n_replay)[:budget]
+    return budget - sum(head), sum(head)
 
 
 def interleave(chosen: list, replay: list) -> list:
@@ -148,7 +155,8 @@ def replay_data(cfg: Config, data_dir: str, out_dir: str) -> dict[str, Any]:
     summary = {"pairs": n_train, "distinct_prompts": len(prompts), "chosen_rows": len(chosen),
                "replay_rows": len(replay), "replay_requested": n_replay,
                "replay_dropped": n_replay - len(replay),  # empty answers or prompts over max_length
-               "replay_fraction": cfg.train.replay_fraction, "seconds": round(time.time() - t0, 3),
+               "replay_count": cfg.train.replay_count, "replay_max_new_tokens": cfg.train.replay_max_new_tokens,
+               "seconds": round(time.time() - t0, 3),
                "examples": [{"prompt": json.loads(r["prompt_json"]), "base_answer": r["response"]}
                             for r in replay[:3]]}
     write_text(f"{out_dir}/replay.json", json.dumps(summary, indent=2, ensure_ascii=False))

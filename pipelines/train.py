@@ -4,13 +4,18 @@ One loop serves the four objectives (``qadapter``, ``dpo``, ``sft``, ``replay`` 
 with the base model's own answers, built first by pipelines/replay.py); the base pass (adapter off, no grad) runs
 only for the objectives that need it (qadapter, dpo).
 
-Per worker: ``QAdapterModel`` -> ``deepspeed.initialize`` (ZeRO ``train.zero_stage``; bf16 on GPU, fp32 on CPU; a
-client ``torch.optim.AdamW`` so no FusedAdam/cpu_adam op is compiled; gradient accumulation and clipping by
-DeepSpeed; warmup + linear/cosine/constant schedule from transformers). Data: ``get_dataset_shard("train")`` (Ray
-splits it with ``equal=True``) collated with ``qcore.data``; every rank runs exactly the same number of micro-batches
-per epoch, computed from the global row count (a rank that comes up short cycles its first batch, extras are
-drained), because DeepSpeed's collectives hang otherwise. The eval split is not split by Ray: each rank takes rows
-``rank::world`` and pads with zero-weight batches so that every rank runs the same number of forwards.
+Per worker: ``QAdapterModel`` -> ``deepspeed.initialize`` (ZeRO ``train.zero_stage``; a client ``torch.optim.AdamW``
+so no FusedAdam/cpu_adam op is compiled; gradient accumulation and clipping by DeepSpeed; warmup +
+linear/cosine/constant schedule from transformers). Number formats, on CPU and GPU alike: the frozen base weights
+and their matmuls in ``model.dtype`` (``auto``: bfloat16 where the hardware has it natively, see qcore.config), the
+LoRA weights, their gradients and AdamW state in float32 (they are their own master copy), the loss's
+full-vocabulary reductions in float32 (qcore.losses). DeepSpeed's own bf16 mode stays off: it would cast the LoRA
+weights to bf16 and keep fp32 master copies beside them, which float32 LoRA weights do not need.
+Data: ``get_dataset_shard("train")`` (Ray splits it with ``equal=True``) collated with ``qcore.data``; every rank
+runs exactly the same number of micro-batches per epoch, computed from the global row count (a rank that comes up
+short cycles its first batch, extras are drained), because DeepSpeed's collectives hang otherwise. The eval split is
+not split by Ray: each rank takes rows ``rank::world`` and pads with zero-weight batches so that every rank runs the
+same number of forwards.
 
 Checkpoints (every ``train.checkpoint_every`` steps and at the end), one directory per report, merged by Ray:
     deepspeed/state/...          every rank's ZeRO shards (``engine.save_checkpoint``): what a resume loads
@@ -90,7 +95,7 @@ def plan_steps(cfg: Config, n_train: int, world: int) -> dict[str, int]:
 
 
 def ds_config(cfg: Config, overrides: Optional[dict] = None) -> dict:
-    """The DeepSpeed config: ZeRO stage, bf16 on GPU (fp32 on CPU), accumulation, clipping."""
+    """The DeepSpeed config: ZeRO stage, accumulation, clipping; DeepSpeed's bf16 mode off (see the module doc)."""
     tc = cfg.train
     zero: dict[str, Any] = {"stage": tc.zero_stage}
     if tc.zero_stage > 0 and tc.offload_optimizer:
@@ -107,7 +112,7 @@ def ds_config(cfg: Config, overrides: Optional[dict] = None) -> dict:
         "gradient_accumulation_steps": tc.grad_accumulation,
         "gradient_clipping": max(0.0, tc.max_grad_norm),
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(tc.use_gpu)},
+        "bf16": {"enabled": False},  # the model carries its dtypes: frozen base in model.dtype, LoRA in fp32
         "zero_allow_untested_optimizer": True,
         # a torch AdamW with optimizer offload: do not insist on DeepSpeedCPUAdam (it compiles an op)
         "zero_force_ds_cpu_optimizer": False,
@@ -243,6 +248,23 @@ def _partition_info(engine, rank: int) -> dict:
             "total_full_numel": total_full, "total_local_numel": total_local}
 
 
+def build_model(cfg: Config, model_dir: str):
+    """The worker's QAdapterModel: base weights in ``model.dtype`` (frozen), a fresh LoRA adapter in float32."""
+    import torch
+
+    from qcore.model import QAdapterModel
+
+    model = QAdapterModel.from_pretrained(
+        model_dir, adapter_cfg=cfg.adapter, q_cfg=cfg.q, dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+    for p in model.parameters():  # peft keeps adapters of a bf16/fp16 base in fp32 already; make it a guarantee
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import torch
@@ -252,8 +274,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     import ray.train
     from ray.train import Checkpoint
-
-    from qcore.model import QAdapterModel
 
     t_worker = time.time()
     cfg = config_from_dict(config["cfg"])
@@ -278,11 +298,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- model, optimizer, schedule, engine (same seed on every rank: identical LoRA init before partitioning)
     torch.manual_seed(tc.seed)
-    model = QAdapterModel.from_pretrained(
-        config["model_dir"], adapter_cfg=cfg.adapter, q_cfg=cfg.q, dtype="bfloat16" if tc.use_gpu else "float32",
-        trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = build_model(cfg, config["model_dir"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     from transformers import get_scheduler
@@ -295,6 +311,9 @@ def train_loop_per_worker(config: dict) -> None:
     zero_stage = int(engine.zero_optimization_stage())
     module = engine.module
     t_engine = time.time()
+    if rank == 0:
+        print(f"[train] base weights {cfg.model.dtype}, LoRA weights and AdamW state "
+              f"{'/'.join(sorted({str(p.dtype).replace('torch.', '') for p in params}))}", flush=True)
 
     # ---- resume: a restart after a failure (Ray's latest checkpoint) or an explicit train.resume_from
     state: dict[str, Any] = {"step": 0, "restarts": 0, "history": [], "partition": None}
@@ -592,9 +611,10 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
     history = state["history"]
     final = history[-1] if history else (result.metrics or {})
     seconds = time.time() - t0
+    scheme = out_dir.split("://")[0] + "://" if "://" in out_dir else ""  # Ray's paths drop the URI scheme
     out = {
-        "adapter_dir": adapter_dir, "checkpoint_dir": result.checkpoint.path,
-        "best_checkpoint_dir": best.path if best is not None else None,
+        "adapter_dir": adapter_dir, "checkpoint_dir": scheme + result.checkpoint.path,
+        "best_checkpoint_dir": scheme + best.path if best is not None else None,
         "metrics": final, "history": history, "steps": int(state["step"]), "total_steps": info["total_steps"],
         "restarts": int(state.get("restarts", 0)), "partition": state.get("partition"), "seconds": seconds,
         "run_path": info["run_path"], "n_train": info["n_train"], "n_eval": info["n_eval"],

@@ -28,11 +28,12 @@ class ModelConfig:
     # A local Hugging Face causal-LM directory; "smollm2-135m" = the embedded default (converted once, cached);
     # "tiny" = a tiny random-init Llama built on the fly (tests, install checks).
     path: str = "smollm2-135m"
-    # auto | float32 | bfloat16 | float16: the frozen base weights and their matmuls in training, evaluation and
-    # replay (LoRA weights, their optimizer state and the loss's reductions stay float32). "auto" is replaced when
-    # the config is built: bfloat16 on GPU (train.use_gpu) or on a CPU with native bf16 (avx512_bf16 / amx_bf16 /
-    # aarch64 bf16 flag), float32 elsewhere: without those flags a bf16 matmul runs 6-70x slower than float32.
-    dtype: str = "auto"
+    # float32 | bfloat16 | float16 | auto: the frozen base weights and their matmuls in training, evaluation and
+    # replay (LoRA weights, their optimizer state and the loss's reductions stay float32). "auto" (the embedded
+    # default's setting) is replaced when the config is built: bfloat16 on GPU (train.use_gpu) or on a CPU with
+    # native bf16 (avx512_bf16 / amx_bf16 / aarch64 bf16 flag), float32 elsewhere: without those flags a bf16
+    # matmul runs 5-70x slower than float32 (benchmarks/RESULTS.md). float32 by default: exact, reproducible.
+    dtype: str = "float32"
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None  # None = transformers' default (sdpa where available)
     gradient_checkpointing: bool = False
@@ -60,10 +61,9 @@ class ModelConfig:
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
-    def log_auto_float32(reason: str) -> None:
-        """Once per process: say that model.dtype auto chose float32, and why."""
-        logging.getLogger("qadapter.config").warning(
-            "model.dtype auto -> float32: %s on this CPU (bf16 matmuls would be emulated, slower)", reason)
+    def warn_once(message: str) -> None:
+        """Log a dtype decision once per process (configs are rebuilt many times: workers, trials)."""
+        logging.getLogger("qadapter.config").warning(message)
 
 
 @dataclass
@@ -230,11 +230,14 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
-        if getattr(self.model, "_dtype_auto", False):  # model.dtype auto: GPUs multiply bf16 natively
-            if self.train.use_gpu:
-                self.model.dtype = "bfloat16"
-            elif self.model.dtype == "float32":
-                ModelConfig.log_auto_float32(ModelConfig.cpu_native_bf16()[1])
+        auto = getattr(self.model, "_dtype_auto", False)
+        if auto and self.train.use_gpu:  # GPUs multiply bf16 natively
+            self.model.dtype = "bfloat16"
+        elif not self.train.use_gpu and (auto or self.model.dtype == "bfloat16"):
+            native, why = ModelConfig.cpu_native_bf16()
+            if not native:
+                ModelConfig.warn_once(f"model.dtype {'auto -> float32' if auto else 'bfloat16'}: {why} on this CPU, "
+                                      f"where bf16 matmuls are emulated (several times slower than float32)")
         checks = [
             ("q.variant", self.q.variant in ("paper", "bellman"), "must be 'paper' or 'bellman'"),
             ("q.mask_alignment", self.q.mask_alignment in ("standard", "authors"), "must be 'standard' or 'authors'"),

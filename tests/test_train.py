@@ -34,7 +34,7 @@ def write_pref_parquet(out_dir: Path, model_dir: str, n_train: int = 48, n_eval:
     return str(out_dir)
 
 
-def tiny_cfg(tmp_path: Path, **train):
+def tiny_cfg(tmp_path: Path, model_dtype: str = "float32", **train):
     from qcore.config import config_from_dict
 
     base = {"num_workers": 2, "cpus_per_worker": 1.0, "zero_stage": 3, "micro_batch_size": 2, "lr": 5e-3,
@@ -42,7 +42,7 @@ def tiny_cfg(tmp_path: Path, **train):
             "keep_checkpoints": 2, "max_failures": 0}
     base.update(train)
     return config_from_dict({
-        "model": {"path": "tiny"},
+        "model": {"path": "tiny", "dtype": model_dtype},
         "adapter": {"rank": 4, "lora_alpha": 8, "dropout": 0.0},
         "q": {"alpha_0": 0.1, "beta": 0.1, "chunk_size": 32},
         "train": base,
@@ -64,7 +64,9 @@ def test_plan_and_deepspeed_config():
     assert conf["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0,
                                          "stage3_max_reuse_distance": 0}  # CPU: no reuse scan
     gpu = ds_config(tiny_cfg(Path("/tmp"), use_gpu=True))
-    assert gpu["zero_optimization"] == {"stage": 3} and gpu["bf16"]["enabled"] is True  # DeepSpeed's defaults
+    assert gpu["zero_optimization"] == {"stage": 3}  # DeepSpeed's defaults
+    # DeepSpeed's bf16 mode is off everywhere: the model holds bf16 base weights and fp32 LoRA weights itself
+    assert gpu["bf16"]["enabled"] is False
     assert conf["gradient_accumulation_steps"] == 3 and conf["train_micro_batch_size_per_gpu"] == 2
     assert conf["bf16"]["enabled"] is False and conf["gradient_clipping"] == 1.0
     assert "optimizer" not in conf  # the client torch AdamW: no FusedAdam / cpu_adam op to compile
@@ -161,10 +163,14 @@ def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_d
 def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tmp_path):
     from pipelines.train import FAIL_MARKER, train_stage
 
-    cfg = tiny_cfg(tmp_path, max_steps=4, report_every=1, checkpoint_every=2, fail_at_step=3, max_failures=1)
+    # bf16 base weights under ZeRO-3 (DeepSpeed partitions bf16 and fp32 parameters side by side): the restart
+    # restores the fp32 LoRA weights bit for bit
+    cfg = tiny_cfg(tmp_path, max_steps=4, report_every=1, checkpoint_every=2, fail_at_step=3, max_failures=1,
+                   model_dtype="bfloat16")
+    assert cfg.model.dtype == "bfloat16"
     t0 = time.time()
     out = train_stage(cfg, pref_data, str(tmp_path / "train"))
-    print(f"\n[wall] fault-injected two-worker train_stage (4 steps, one restart): {time.time() - t0:.1f}s")
+    print(f"\n[wall] fault-injected two-worker bf16 train_stage (4 steps, one restart): {time.time() - t0:.1f}s")
     assert out["steps"] == 4 == cfg.train.max_steps
     assert out["restarts"] == 1 and out["metrics"]["restarts"] == 1
     assert (Path(out["run_path"]) / FAIL_MARKER).exists()
@@ -173,6 +179,11 @@ def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tm
     assert [h["restarts"] for h in out["history"]] == [0, 0, 1, 1]
     # the restarted attempt loaded exactly the checkpointed adapter weights
     assert out["metrics"]["resume_adapter_max_abs_diff"] < 1e-7
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in out["history"])
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(out["adapter_dir"]) / "adapter_model.safetensors"))
+    assert {w.dtype for w in saved.values()} == {torch.float32}  # LoRA weights trained and saved in fp32
 
 
 @pytest.mark.ray
@@ -195,32 +206,15 @@ def test_dpo_objective_and_linear_schedule(ray_session, pref_data, tmp_path):
     assert (Path(out["adapter_dir"]) / "adapter_model.safetensors").exists()
 
 
-def test_replay_counts_and_interleave():
-    """No Ray: the replay epoch has the pair epoch's size with replay_fraction of it base answers."""
-    from pipelines.replay import interleave, replay_counts
-
-    # budget = min(48 rows, 5 steps x 2 rows x 1 accumulation x 2 workers = 20); 10 wanted, 6 distinct prompts
-    assert replay_counts(tiny_cfg(Path("/tmp"), max_steps=5), n_train=48, n_prompts=6) == (14, 6)
-    assert replay_counts(tiny_cfg(Path("/tmp"), max_steps=5), n_train=48, n_prompts=60) == (10, 10)
-    # epochs: the whole pair epoch, a quarter of it replaced
-    assert replay_counts(tiny_cfg(Path("/tmp"), max_steps=-1, replay_fraction=0.25), 48, 60) == (36, 12)
-    # chosen at (i+.5)/3 = .17 .5 .83, replay at .5: ties keep chosen first
-    assert interleave(["a", "b", "c"], ["X"]) == ["a", "b", "X", "c"]
-    assert interleave(["a", "b"], ["X", "Y"]) == ["a", "X", "b", "Y"]
-    assert interleave(["a"], []) == ["a"]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_replay_objective_trains_on_base_answers(ray_session, pref_data, tiny_model_dir, tmp_path):
-    """replay: the mix holds the base model's own greedy answers (checked against transformers' generate on the
-    same base weights) interleaved with chosen responses, and training runs on it."""
+def test_replay_objective_trains_on_base_answers(ray_session, pref_data, tmp_path):
+    """replay: training runs on the head of the authors' mix (48 chosen rows + 6 base answers, interleaved) that a
+    4-step budget reads; that the base answers are the base model's own is checked in test_replay.py."""
     import pyarrow.parquet as pq
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.train import train_stage
-    from qcore.data import encode_prompt, tokenize_sft
 
     cfg = tiny_cfg(tmp_path, objective="replay", num_workers=1, zero_stage=2, max_steps=4, report_every=2,
                    checkpoint_every=4, replay_max_new_tokens=8)
@@ -228,24 +222,13 @@ def test_replay_objective_trains_on_base_answers(ray_session, pref_data, tiny_mo
     assert out["steps"] == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in out["history"])
     assert "logps/chosen" in out["metrics"] and "rewards/margins" not in out["metrics"]  # SFT metrics, no base pass
     rep = out["replay"]
-    assert (rep["chosen_rows"], rep["replay_requested"]) == (4, 4)  # budget 4 steps x 2 rows, half replayed
-    assert rep["replay_rows"] + rep["replay_dropped"] == 4
+    # budget 4 steps x 2 rows = 8 of the 48 + 6 mix: chosen keys (i + .5) / 48 = .010 .. .135 (i < 7) and the
+    # first base answer at .5 / 6 = .083
+    assert (rep["chosen_rows"], rep["replay_requested"]) == (7, 1)
+    assert rep["replay_rows"] + rep["replay_dropped"] == 1
     rows = pq.read_table(tmp_path / "train" / "replay_data" / "train").to_pylist()
-    assert len(rows) == 4 + rep["replay_rows"] and {r["kind"] for r in rows} <= {"chosen", "replay"}
+    assert len(rows) == 7 + rep["replay_rows"] and {r["kind"] for r in rows} <= {"chosen", "replay"}
     assert pq.read_table(tmp_path / "train" / "replay_data" / "eval").num_rows == 8
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    replayed = [r for r in rows if r["kind"] == "replay"]
-    assert replayed, "every base answer was dropped: nothing was replayed"
-    for r in replayed:
-        prompt = json.loads(r["prompt_json"])
-        ids = torch.tensor([encode_prompt(prompt, tok)])
-        with torch.no_grad():
-            gen = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        want = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        assert r["response"] == want
-        assert r["input_ids"] == tokenize_sft({"prompt": prompt, "response": want}, tok, 512, 256)["input_ids"]
+    assert [json.loads(r["prompt_json"]) for r in rows if r["kind"] == "replay"] in ([_PROMPTS[0]], [])
     chosen = [r["response"] for r in rows if r["kind"] == "chosen"]
-    assert chosen == [_YES[i % len(_YES)] for i in range(4)]  # the first pair rows, in order
+    assert chosen == [_YES[i % len(_YES)] for i in range(7)]  # the first pair rows, in order
