@@ -137,7 +137,9 @@ class TrainConfig:
     max_failures: int = 0  # worker-group restarts Ray Train may make; -1 = retry without end
     resume_from: Optional[str] = None
     fail_at_step: int = -1  # fault injection for tests: rank 0 calls os._exit at this step, once
-    seed: int = 0
+    # ZeRO-3: build the base model already partitioned (transformers' HfDeepSpeedConfig -> deepspeed.zero.Init and a
+    # partitioned checkpoint load), so no worker holds all of it; false = each worker loads it whole first
+    zero_init: bool = True
     # per compared method, dotted overrides of its training run: a learning rate fit for each method, e.g.
     # {dpo: {train.lr: 5.0e-4}, sft: {train.lr: 1.0e-3}} (pipelines/full.py applies them; one shared budget stays)
     method_overrides: dict[str, Any] = field(default_factory=dict)
@@ -213,7 +215,13 @@ class EvalConfig:
 class RunConfig:
     name: str = "default"
     storage_path: str = "runs"  # local path or any pyarrow filesystem URI (s3://, gs://)
+    # the one seed of a run: LoRA init, dropout, training data order, Tune's sampler, evaluation's bootstrap
+    # (data.seed keys only the train/eval split, so that every seed is scored on the same held-out prompts)
     seed: int = 0
+    # MLflow: every training run (and Tune trial) logs its config and metrics here through Ray's setup_mlflow;
+    # None = TensorBoard only. http(s)://host:5000 (mlflow server), file:///abs/dir (a local store), sqlite:///...
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_experiment: Optional[str] = None  # None = run.name
     num_cpus: Optional[int] = None  # logical CPUs for a local Ray; None = max(4, os.cpu_count())
     resume: bool = True  # skip stages whose config hash and inputs match a finished manifest entry
 
@@ -333,6 +341,12 @@ class Config:
             ("run.name", bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
              and not name.startswith("."), "must be a plain name (no '/', not '.' or '..', not hidden)"),
             ("run.num_cpus", self.run.num_cpus is None or self.run.num_cpus >= 1, "must be null or >= 1"),
+            # Ray workers do not share the driver's working directory: a relative store would land in each one's
+            ("run.mlflow_tracking_uri", self.run.mlflow_tracking_uri is None or "://" in self.run.mlflow_tracking_uri
+             or self.run.mlflow_tracking_uri.startswith(("databricks", "/")),
+             "must be a URI (http://host:5000, file:///abs/dir, sqlite:///abs/file.db), an absolute path or null"),
+            ("run.mlflow_experiment", self.run.mlflow_experiment is None or bool(self.run.mlflow_experiment.strip()),
+             "must be a non-empty name or null (= run.name)"),
         ]
 
     def _check_lists(self) -> None:

@@ -103,6 +103,11 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+def _escaped(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` (encodable, e.g. as a field name)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _lone_surrogate(value: Any) -> str | None:
     """The path of the first string (or key) in ``value`` holding a lone UTF-16 surrogate, else None (no
     recursion: the value may be nested as deep as the JSON decoder allows)."""
@@ -116,7 +121,8 @@ def _lone_surrogate(value: Any) -> str | None:
                 return path or "<record>"
         elif isinstance(obj, dict):
             for key, item in obj.items():
-                child = f"{path}.{key}" if path else str(key)
+                name = _escaped(key)  # the path names the field in rejects.jsonl, so it must be writable text
+                child = f"{path}.{name}" if path else name
                 stack.append((child, key))
                 stack.append((child, item))
         elif isinstance(obj, list):
@@ -133,8 +139,8 @@ def parse_json_line(line: str | bytes) -> dict:
         text = line if isinstance(line, str) else bytes(line).decode("utf-8")
         record = _DECODER.decode(text.strip())
     except _DuplicateKey as err:
-        raise InvalidRecord(err.key, f"duplicate key {err.key!r} in a JSON object (the last value would win "
-                                     f"silently)") from None
+        raise InvalidRecord(_escaped(err.key), f"duplicate key {err.key!r} in a JSON object (the last value would "
+                                               f"win silently)") from None
     except RecursionError:
         raise InvalidRecord("<line>", f"malformed JSON: nested deeper than Python's recursion limit "
                                       f"({sys.getrecursionlimit()})") from None
@@ -142,7 +148,7 @@ def parse_json_line(line: str | bytes) -> dict:
         raise InvalidRecord("<line>", f"malformed JSON: {err}") from None
     if not isinstance(record, dict):
         raise InvalidRecord("<record>", f"expected a JSON object, got {type(record).__name__}")
-    if _SURROGATE_ESCAPE.search(text) and (where := _lone_surrogate(record)) is not None:
+    if (isinstance(line, str) or _SURROGATE_ESCAPE.search(text)) and (where := _lone_surrogate(record)) is not None:
         raise InvalidRecord(where, "lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair): not valid "
                                    "Unicode text")
     return record

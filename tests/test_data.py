@@ -223,6 +223,7 @@ def test_bad_overlong_sample_is_fine_when_long_enough(tiny_tokenizer):
 
 U = {"role": "user", "content": "hi"}
 AS = {"role": "assistant", "content": "yo"}
+SYS = {"role": "system", "content": "be brief"}
 HP = "\n\nHuman: q\n\nAssistant:"
 
 
@@ -246,6 +247,22 @@ HP = "\n\nHuman: q\n\nAssistant:"
     ({"prompt": [U, AS, {"role": "user", "content": "  "}], "chosen": "c", "rejected": "r"}, {},
      "prompt[2].content", "empty message"),
     ({"prompt": [U, AS], "chosen": "c", "rejected": "r"}, {}, "prompt", "the prompt ends with an assistant message"),
+    # roles: what a chat template accepts (system first, then user/assistant alternating, a user turn last)
+    ({"prompt": [SYS, {"role": "tool", "content": "x"}, U], "chosen": "c", "rejected": "r"}, {},
+     "prompt[1].role", "unknown role 'tool' (expected user, assistant or system)"),
+    ({"prompt": [U, U], "chosen": "c", "rejected": "r"}, {},
+     "prompt[1].role", "two 'user' messages in a row (user and assistant must alternate)"),
+    ({"prompt": [U, AS, AS, U], "chosen": "c", "rejected": "r"}, {},
+     "prompt[2].role", "two 'assistant' messages in a row (user and assistant must alternate)"),
+    ({"prompt": [AS, U], "chosen": "c", "rejected": "r"}, {},
+     "prompt[0].role", "the conversation must start with a user message (after an optional system message)"),
+    ({"prompt": [SYS, AS, U], "chosen": "c", "rejected": "r"}, {},
+     "prompt[1].role", "the conversation must start with a user message (after an optional system message)"),
+    ({"prompt": [U, SYS], "chosen": "c", "rejected": "r"}, {},
+     "prompt[1].role", "a system message is only allowed first"),
+    ({"prompt": [SYS], "chosen": "c", "rejected": "r"}, {}, "prompt", "the prompt has no user message to respond to"),
+    ({"chosen": [U, U, AS], "rejected": [U, U, {"role": "assistant", "content": "no"}]}, {},
+     "prompt[1].role", "two 'user' messages in a row (user and assistant must alternate)"),
     ({"prompt": [U], "chosen": [U], "rejected": "r"}, {}, "chosen[0].role", "expected 'assistant', got 'user'"),
     ({"prompt": [U], "chosen": [AS], "rejected": [{"role": "assistant", "content": ""}]}, {},
      "rejected[0].content", "empty message"),
@@ -270,6 +287,10 @@ HP = "\n\nHuman: q\n\nAssistant:"
      "chosen", "malformed HH text: empty Human turn"),
     ({"chosen": HP + " c\n\nHuman: more?", "rejected": HP + " r"}, {},
      "chosen", "malformed HH text: the response continues into another Human turn"),
+    ({"chosen": HP + " c", "rejected": HP + " r\n\nAssistant: and more"}, {},
+     "rejected", "malformed HH text: the response continues into another Assistant turn"),
+    ({"chosen": "\n\nHuman: a\n\nHuman: b" + HP + " c", "rejected": "\n\nHuman: a\n\nHuman: b" + HP + " r"}, {},
+     "chosen", "malformed HH text: two Human turns in a row (turns must alternate)"),
     ({"chosen": "\n\nHuman: q\n\nAssistant: a\n\nAssistant: c", "rejected": "\n\nHuman: q\n\nAssistant: a\n\nAssistant: r"},
      {}, "chosen", "malformed HH text: the last turn before the response is not a Human turn"),
     ({"chosen": 5, "rejected": HP + " r"}, {"format": "hh"}, "chosen", "expected a string, got int"),
@@ -316,6 +337,46 @@ def test_parse_json_line():
     with pytest.raises(InvalidRecord) as err:  # undecodable bytes, as Ray hands raw lines over
         parse_json_line(b'{"a": "\xff"}')
     assert err.value.field == "<line>" and "utf-8" in err.value.reason
+
+
+def test_roles_a_chat_template_accepts():
+    for prompt in ([U], [SYS, U], [U, AS, U], [SYS, U, AS, U]):
+        (pair,) = normalize_record({"prompt": prompt, "chosen": "c", "rejected": "r"}, cfg())
+        assert pair["prompt"] == prompt
+
+
+BIG_INT = "9" * 5000  # over CPython's default 4300-digit limit: a plain ValueError, not a JSONDecodeError
+
+
+@pytest.mark.parametrize("line, field, reason", [
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "chosen": "d"}', "chosen",
+     "duplicate key 'chosen' in a JSON object (the last value would win silently)"),
+    ('{"prompt": [{"role": "user", "content": "a", "content": "b"}], "chosen": "b", "rejected": "c"}', "content",
+     "duplicate key 'content' in a JSON object (the last value would win silently)"),
+    ('{"prompt": ' + "[" * 5000 + "]" * 5000 + ', "chosen": "b", "rejected": "c"}', "<line>",
+     "malformed JSON: nested deeper than Python's recursion limit (1000)"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "id": ' + BIG_INT + "}", "<line>",
+     "malformed JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; "
+     "use sys.set_int_max_str_digits() to increase the limit"),
+    (r'{"prompt": "a \\ud800", "chosen": "b", "rejected": "c"}', None, None),  # an escaped backslash: plain text
+    (r'{"prompt": "a \ud800", "chosen": "b", "rejected": "c"}', "prompt", "lone"),  # used field
+    (r'{"prompt": "a", "chosen": "b", "rejected": "c", "meta": {"notes": ["ok", "x\uDC01"]}}', "meta.notes[1]",
+     "lone"),  # an ignored field: not encodable either (the record could not be written or hashed)
+    (r'{"prompt": "a", "chosen": "b", "rejected": "c", "\udc00": 1}', r"\udc00", "lone"),  # a key (named escaped)
+    (r'{"prompt": "a \ud83d\ude00", "chosen": "b", "rejected": "c"}', None, None),  # a valid pair: an emoji
+])
+def test_parse_json_line_refuses_what_would_change_or_crash(line, field, reason):
+    if field is None:
+        assert parse_json_line(line)["chosen"] == "b"
+        assert parse_json_line(line.encode())["chosen"] == "b"
+        return
+    with pytest.raises(InvalidRecord) as err:
+        parse_json_line(line.encode())
+    assert err.value.field == field
+    if reason == "lone":
+        assert err.value.reason.startswith("lone UTF-16 surrogate"), err.value.reason
+    else:
+        assert err.value.reason == reason
 
 
 def test_unknown_configured_format_is_a_config_error():
