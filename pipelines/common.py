@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", WORKER_ENV["RAY_DATA
 STORAGE_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_CA_BUNDLE",
-    "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+    "GOOGLE_APPLICATION_CREDENTIALS",
 )
 
 
@@ -255,11 +256,32 @@ def local_copy(uri: str) -> str:
 # Stage keys and the run manifest: a stage whose key matches a finished entry is skipped
 # ----------------------------------------------------------------------------------------------------------------
 def stage_key(payload: dict) -> str:
-    """Stable 12-hex key of a stage's config sections + input keys (JSON, sorted keys)."""
+    """Stable 12-hex key of a stage's config sections + input keys (JSON, sorted keys) + the code version, so
+    that outputs made by other code are never taken for this code's."""
     import hashlib
     import json
 
+    payload = {**payload, "code": code_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+<git commit>`` of this checkout (the commit where git and a .git are there; a
+    ``ray job submit`` working dir has none)."""
+    import importlib.metadata
+    import subprocess
+
+    try:
+        version = importlib.metadata.version("qadapter")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(["git", "-C", _ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit[:12]}" if commit else version
 
 
 def _now() -> str:
@@ -300,6 +322,8 @@ class Manifest:
         self.data["log"].append({"stage": stage, "key": key, "event": event, "time": _now(), **extra})
 
     def begin(self, stage: str, key: str, config: dict, inputs: dict, out_dir: str) -> dict:
+        # a stage that starts again forgets its old completion: a crash now must not leave an entry to skip over
+        self.data["finished"].pop(f"{stage}@{key}", None)
         entry = {"stage": stage, "key": key, "status": "running", "config": config, "inputs": inputs,
                  "out_dir": out_dir, "outputs": None, "wall_s": None, "started_at": _now(), "finished_at": None}
         self.data["stages"][stage] = entry
