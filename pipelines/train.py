@@ -23,6 +23,23 @@ Checkpoints (every ``train.checkpoint_every`` steps and at the end), one directo
     probe_logits.pt              rank 0: customized logits of the live (gathered) model on a fixed input
     trainer_state.json           rank 0: step, restarts, history of reported metrics, ZeRO partition sizes
 
+Partitioned loading (ZeRO-3, ``train.zero_init`` true): transformers' ``HfDeepSpeedConfig`` is alive while the base
+model is built, so ``from_pretrained`` constructs it inside ``deepspeed.zero.Init`` (each parameter partitioned as it
+is created) and loads the checkpoint into the partitions: rank 0 reads each tensor from the memory-mapped safetensors
+file and every rank keeps only its 1/N share. No worker holds the whole model; the LoRA layers are added to the
+partitioned model and partitioned by ``deepspeed.initialize``. Each rank's resident memory (now, peak since the loop
+began, anonymous vs file-backed) is recorded after loading, after the engine and after the first step
+(``trainer_state.json`` ``partition[*].memory``; benchmarks/zero_init.py).
+
+Tracking: rank 0 writes every reported metric (loss, rewards/*, logps/*, lr, grad_norm, tokens_per_s, eval_*) as
+TensorBoard scalars at its optimizer step under the run's ``tensorboard/`` directory (``<out_dir>/tensorboard`` for
+the train stage; each Tune trial's own run directory), and, where ``run.mlflow_tracking_uri`` is set, to an MLflow
+run (Ray's ``setup_mlflow``; params = every config key, dotted) in experiment ``run.mlflow_experiment`` (default
+``run.name``). A restart rewrites the steps after its checkpoint (TensorBoard's purge_step drops the old ones).
+
+Seed: ``run.seed`` seeds the LoRA init, dropout and the training data order (Ray Data's local shuffle), on every
+rank; the Ray Train run's name includes it, so a run with another seed never resumes this one's checkpoints.
+
 Resume: from ``ray.train.get_checkpoint()`` (a restart after a worker failure, ``train.max_failures``; also a re-run
 with the same config and output directory) or from ``train.resume_from`` (a checkpoint directory). Resuming needs the
 same number of workers (ZeRO shards are per rank). Fault injection for tests: ``train.fail_at_step = k`` makes rank 0
@@ -49,7 +66,8 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from pipelines.common import cli_config, exists, init_ray, remove, resolve_fs, stage_dir, write_text  # noqa: E402
+from pipelines.common import (cli_config, exists, init_ray, is_uri, remove, resolve_fs, stage_dir,  # noqa: E402
+                              write_text)
 from qcore.config import Config, config_from_dict  # noqa: E402
 
 logger = logging.getLogger("qadapter.train")
@@ -130,8 +148,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def run_name(cfg: Config) -> str:
-    """The Ray Train run's name under the storage path: same config -> same run (a re-run resumes it)."""
-    return f"ray_train-{cfg.hash('model', 'adapter', 'q', 'train')}"
+    """The Ray Train run's name under the storage path: same config and seed -> same run (a re-run resumes it)."""
+    return f"ray_train-{cfg.hash('model', 'adapter', 'q', 'train')}-s{cfg.run.seed}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,6 +266,159 @@ def _partition_info(engine, rank: int) -> dict:
             "total_full_numel": total_full, "total_local_numel": total_local}
 
 
+def partitioned_load_config(cfg: Config, ds_conf: dict):
+    """Under ZeRO-3 with ``train.zero_init``: transformers' ``HfDeepSpeedConfig`` for ``ds_conf``, else None. While
+    the returned object is alive (transformers keeps only a weakref), ``from_pretrained`` builds the model inside
+    ``deepspeed.zero.Init`` and loads the checkpoint partitioned. Keep it for the life of the engine."""
+    if cfg.train.zero_stage != 3 or not cfg.train.zero_init:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init creates parameters in the DeepSpeed config's precision (fp32 when its bf16/fp16 modes are off, as the
+    # engine's are): name the base's own dtype there, or a bf16 base would be built in fp32.
+    dtype = cfg.model.dtype
+    return HfDeepSpeedConfig(_deep_merge(ds_conf, {"bf16": {"enabled": dtype == "bfloat16"},
+                                                   "fp16": {"enabled": dtype == "float16"}}))
+
+
+def _memory_mib() -> dict:
+    """This process's resident memory from /proc (MiB): now, peak (VmHWM, since the last reset), anonymous and
+    file-backed (memory-mapped checkpoint pages count in RSS but are page cache the kernel can drop)."""
+    names = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in names:
+                out[names[key]] = round(int(value.split()[0]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the peak-RSS counter (Linux: 5 > /proc/self/clear_refs): a reused Ray worker's earlier peak is not
+    this run's. False where the kernel refuses it (the peak then counts from the process start)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tracking: TensorBoard event files (always) and MLflow (run.mlflow_tracking_uri), rank 0
+# ----------------------------------------------------------------------------------------------------------------
+TRACKING_SKIP = ("step", "total_steps", "world_size", "zero_stage")  # the x axis and constants, not curves
+
+
+def tracking_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """A config dict -> MLflow params: every key dotted (``train.lr``), values as text (MLflow's 6000-char cap);
+    an empty mapping stays one param ("{}")."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(tracking_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)[:6000]
+    return out
+
+
+def _mlflow_file_store_env(uri: str) -> None:
+    # MLflow >= 3.7 refuses its file store (maintenance mode) unless this opt-in is set; a local store is the
+    # offline way to track, so a file URI opts in (an explicit setting wins)
+    if uri.startswith(("file:", "/")):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def mlflow_experiment(cfg: Config) -> Optional[str]:
+    """Create ``run.mlflow_experiment`` (default ``run.name``) at ``run.mlflow_tracking_uri`` if missing, once on the
+    driver (concurrent trials creating it would race); returns its name, None without a tracking URI."""
+    uri = cfg.run.mlflow_tracking_uri
+    if not uri:
+        return None
+    _mlflow_file_store_env(uri)
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+    except ImportError as err:
+        raise ImportError("config key 'run.mlflow_tracking_uri' is set but mlflow is not installed "
+                          "(pip install mlflow-skinny)") from err
+    name = cfg.run.mlflow_experiment or cfg.run.name
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if client.get_experiment_by_name(name) is None:
+            client.create_experiment(name)
+    except MlflowException as err:  # another driver created it first
+        if client.get_experiment_by_name(name) is None:
+            raise RuntimeError(f"run.mlflow_tracking_uri {uri!r}: cannot create experiment {name!r}: {err}") from err
+    return name
+
+
+class _Tracker:
+    """Rank 0's sinks for the reported metrics: a TensorBoard SummaryWriter and, when configured, an MLflow run
+    opened with Ray's ``setup_mlflow`` (the Train-V2 way: inside the training function). Other ranks log nothing."""
+
+    def __init__(self, cfg: Config, config: dict, rank: int, start_step: int):
+        self.writer = self.mlflow = self.upload = None
+        if rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb_dir = config["tensorboard_dir"]
+        local = tb_dir
+        if is_uri(tb_dir):  # object storage: write locally, copy the event files up after every report
+            local = tempfile.mkdtemp(prefix="qadapter-tb-")
+            self.upload = (local, tb_dir)
+        else:
+            os.makedirs(local, exist_ok=True)
+        # a resumed run redoes the steps after its checkpoint: TensorBoard drops those of the earlier attempt
+        self.writer = SummaryWriter(local, purge_step=start_step + 1 if start_step > 0 else None)
+        uri = cfg.run.mlflow_tracking_uri
+        if uri:
+            from ray.air.integrations.mlflow import setup_mlflow
+
+            _mlflow_file_store_env(uri)
+            self.mlflow = setup_mlflow(
+                tracking_uri=uri, experiment_name=cfg.run.mlflow_experiment or cfg.run.name,
+                run_name=f"{cfg.train.objective}-{config['run_label']}", create_experiment_if_not_exists=True,
+                tags={"qadapter.objective": cfg.train.objective, "qadapter.run": cfg.run.name,
+                      "qadapter.ray_run": config["run_label"], "qadapter.start_step": str(start_step),
+                      **config.get("tracking_tags", {})})
+            # one batched call (setup_mlflow(config=...) would log the ~150 keys one request each)
+            self.mlflow.log_params(tracking_params(cfg.to_dict()))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if k not in TRACKING_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+        if self.upload:
+            self._upload()
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(scalars, step=step)
+
+    def _upload(self) -> None:
+        import pyarrow.fs as pafs
+
+        fs, root = resolve_fs(self.upload[1])
+        fs.create_dir(root, recursive=True)
+        # file by file, overwriting: the event files of an earlier attempt stay next to this one's
+        pafs.copy_files(self.upload[0], root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            if self.upload:
+                self._upload()
+                shutil.rmtree(self.upload[0], ignore_errors=True)
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
 def build_model(cfg: Config, model_dir: str):
     """The worker's QAdapterModel: base weights in ``model.dtype`` (frozen), a fresh LoRA adapter in float32."""
     import torch
@@ -280,6 +451,8 @@ def train_loop_per_worker(config: dict) -> None:
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    peak_reset = _reset_peak_rss()
+    memory = {"start": _memory_mib()}
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if tc.use_gpu:
@@ -296,9 +469,12 @@ def train_loop_per_worker(config: dict) -> None:
     per_epoch, total_steps = plan["micro_batches_per_epoch"], plan["total_steps"]
     mb, ga = tc.micro_batch_size, tc.grad_accumulation
 
-    # ---- model, optimizer, schedule, engine (same seed on every rank: identical LoRA init before partitioning)
-    torch.manual_seed(tc.seed)
+    # ---- model, optimizer, schedule, engine (run.seed on every rank: LoRA init, dropout)
+    torch.manual_seed(cfg.run.seed)
+    conf = ds_config(cfg, config.get("ds_overrides"))
+    partitioned = partitioned_load_config(cfg, conf)  # ZeRO-3: alive while the engine lives (see its doc)
     model = build_model(cfg, config["model_dir"])
+    memory["model"] = _memory_mib()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     from transformers import get_scheduler
@@ -306,14 +482,15 @@ def train_loop_per_worker(config: dict) -> None:
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tc.schedule]
     warmup = int(round(tc.warmup_ratio * total_steps))
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config(cfg, config.get("ds_overrides")))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
     zero_stage = int(engine.zero_optimization_stage())
     module = engine.module
+    memory["engine"] = _memory_mib()
     t_engine = time.time()
     if rank == 0:
-        print(f"[train] base weights {cfg.model.dtype}, LoRA weights and AdamW state "
-              f"{'/'.join(sorted({str(p.dtype).replace('torch.', '') for p in params}))}", flush=True)
+        print(f"[train] base weights {cfg.model.dtype}{' (loaded partitioned)' if partitioned else ''}, LoRA weights "
+              f"and AdamW state {'/'.join(sorted({str(p.dtype).replace('torch.', '') for p in params}))}; rank 0 "
+              f"RSS {memory['engine'].get('rss')} MiB, peak {memory['engine'].get('peak_rss')} MiB", flush=True)
 
     # ---- resume: a restart after a failure (Ray's latest checkpoint) or an explicit train.resume_from
     state: dict[str, Any] = {"step": 0, "restarts": 0, "history": [], "partition": None}
@@ -347,7 +524,7 @@ def train_loop_per_worker(config: dict) -> None:
             n, first = 0, None
             for b in train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
                                               local_shuffle_buffer_size=max(mb * 8, 64),
-                                              local_shuffle_seed=tc.seed + epoch):
+                                              local_shuffle_seed=cfg.run.seed + epoch):
                 if n >= per_epoch:
                     continue  # drain the epoch so that every rank's split iterator finishes it
                 first = b if first is None else first
@@ -427,11 +604,20 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt_every = tc.checkpoint_every if tc.checkpoint_every > 0 else 0
     pbar = tqdm(total=total_steps, initial=step, desc=f"train[{tc.objective}]", disable=rank != 0,
                 mininterval=5.0, file=sys.stdout)
+    # a finished run re-run only reports its final state again: nothing new to track
+    tracker = _Tracker(cfg, config, rank, start_step) if step < total_steps else None
+    tokens, t_mark = 0, time.time()  # tokens (attention mask) through the model since the last report
 
     def report(with_checkpoint: bool) -> None:
-        nonlocal sums, count
+        nonlocal sums, count, tokens
         metrics = _all_mean(sums, float(count)) if count else {}
         sums, count = {}, 0
+        if step > start_step:  # training throughput, all ranks, between reports (eval and checkpoints excluded)
+            t = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(t)
+            metrics["tokens_per_s"] = float(t) / max(time.time() - t_mark, 1e-9)
+            tokens = 0
         metrics.update(evaluate())
         if "eval_loss" not in metrics and "loss" in metrics:
             metrics["eval_loss"] = metrics["loss"]  # no eval split: the checkpoint score falls back to train loss
@@ -456,6 +642,8 @@ def train_loop_per_worker(config: dict) -> None:
             shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()
                      if k in ("loss", "eval_loss", "lr", "epoch", "rewards/accuracies", "grad_norm")}
             print(f"[train] step {step}/{total_steps} {shown}", flush=True)
+        if tracker is not None:
+            tracker.log(metrics, step)
         checkpoint_and_report(metrics, with_checkpoint)
 
     engine.train()
@@ -464,7 +652,9 @@ def train_loop_per_worker(config: dict) -> None:
     while step < total_steps:
         for _ in range(ga):
             _, b = next(batches)
-            loss, m = _loss(engine, _make_batch(b, tc.objective, pad_id, device), cfg)
+            batch = _make_batch(b, tc.objective, pad_id, device)
+            tokens += int(batch["attention_mask"].sum())
+            loss, m = _loss(engine, batch, cfg)
             engine.backward(loss)
             engine.step()
             for k, v in m.items():
@@ -478,6 +668,8 @@ def train_loop_per_worker(config: dict) -> None:
                   f"batch from Ray Data) {time.time() - t_start:.1f}s", flush=True)
         if state["partition"] is None:  # after the first step: what each rank holds (ZeRO-3: its partition)
             info = _partition_info(engine, rank)
+            info["memory"] = {**memory, "first_step": _memory_mib(), "peak_reset": peak_reset,
+                              "partitioned_load": partitioned is not None}
             infos = [None] * world
             if world > 1:
                 dist.all_gather_object(infos, info)
@@ -491,7 +683,11 @@ def train_loop_per_worker(config: dict) -> None:
         do_ckpt = step >= total_steps or bool(ckpt_every and step % ckpt_every == 0)
         if do_ckpt or (report_every and step % report_every == 0):
             report(with_checkpoint=do_ckpt)
+            t_mark = time.time()
     pbar.close()
+    if tracker is not None:
+        tracker.close()
+    del partitioned
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,10 +726,13 @@ def load_datasets(data_dir: str, materialize_train: bool = False) -> dict:
 
 def build_trainer(cfg: Config, data_dir: Optional[str], storage_path: str, name: str,
                   callbacks: Optional[list] = None, ds_overrides: Optional[dict] = None,
-                  datasets: Optional[dict] = None):
+                  datasets: Optional[dict] = None, tensorboard_dir: Optional[str] = None,
+                  tracking_tags: Optional[dict] = None):
     """A TorchTrainer for ``cfg`` on the Parquet ``<data_dir>/train`` (and ``eval`` if present), or on
     ``datasets`` as returned by :func:`load_datasets`. Returns (trainer, info) with info = {n_train, n_eval,
-    total_steps, micro_batches_per_epoch, rows_per_rank, run_path, fail_marker}."""
+    total_steps, micro_batches_per_epoch, rows_per_rank, run_path, fail_marker, tensorboard_dir}.
+    ``tensorboard_dir``: where rank 0 writes the event files (default ``<run_path>/tensorboard``);
+    ``tracking_tags``: extra MLflow run tags."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -554,6 +753,8 @@ def build_trainer(cfg: Config, data_dir: Optional[str], storage_path: str, name:
         "cfg": cfg.to_dict(), "model_dir": model_dir, "pad_token_id": _pad_token_id(model_dir),
         "n_train": n_train, "n_eval": n_eval, "ds_overrides": ds_overrides or {},
         "fail_marker": f"{run_path}/{FAIL_MARKER}", "eval_refs": eval_refs,
+        "tensorboard_dir": tensorboard_dir or f"{run_path}/tensorboard", "run_label": name,
+        "tracking_tags": dict(tracking_tags or {}),
     }
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
@@ -571,7 +772,8 @@ def build_trainer(cfg: Config, data_dir: Optional[str], storage_path: str, name:
         ),
         datasets=datasets,
     )
-    info = {"n_train": n_train, "n_eval": n_eval, **plan, "run_path": run_path, "fail_marker": config["fail_marker"]}
+    info = {"n_train": n_train, "n_eval": n_eval, **plan, "run_path": run_path, "fail_marker": config["fail_marker"],
+            "tensorboard_dir": config["tensorboard_dir"]}
     return trainer, info
 
 
@@ -594,7 +796,9 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
 
         replay = replay_data(cfg, data_dir, f"{out_dir}/replay_data")
         data_dir = f"{out_dir}/replay_data"
-    trainer, info = build_trainer(cfg, data_dir, storage_path=out_dir, name=run_name(cfg), ds_overrides=ds_overrides)
+    experiment = mlflow_experiment(cfg)
+    trainer, info = build_trainer(cfg, data_dir, storage_path=out_dir, name=run_name(cfg), ds_overrides=ds_overrides,
+                                  tensorboard_dir=f"{out_dir}/tensorboard", tracking_tags={"qadapter.stage": "train"})
     print(f"[train] {cfg.train.objective}: {info['n_train']} train / {info['n_eval']} eval pairs, "
           f"{cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {info['total_steps']} steps -> {out_dir}",
           flush=True)
@@ -618,6 +822,7 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
         "metrics": final, "history": history, "steps": int(state["step"]), "total_steps": info["total_steps"],
         "restarts": int(state.get("restarts", 0)), "partition": state.get("partition"), "seconds": seconds,
         "run_path": info["run_path"], "n_train": info["n_train"], "n_eval": info["n_eval"],
+        "tensorboard_dir": info["tensorboard_dir"], "mlflow_experiment": experiment,
     }
     if replay is not None:
         out["replay"] = {k: v for k, v in replay.items() if k != "examples"}
@@ -626,6 +831,8 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
     write_text(f"{out_dir}/history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     print(f"[train] done: {out['steps']} steps in {seconds:.1f}s, final loss {final.get('loss')}, "
           f"eval_loss {final.get('eval_loss')}; adapter -> {adapter_dir}", flush=True)
+    print(f"[train] curves: tensorboard --logdir {info['tensorboard_dir']}"
+          + (f"; MLflow experiment {experiment!r} at {cfg.run.mlflow_tracking_uri}" if experiment else ""), flush=True)
     return out
 
 

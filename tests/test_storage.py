@@ -1,0 +1,224 @@
+"""The storage layer (pipelines/common.py) on a real S3-compatible server: moto's standalone server on 127.0.0.1.
+
+The server runs in its own process group; clients reach it as users reach MinIO or S3: AWS_ENDPOINT_URL, a
+region, and credentials from a file (AWS_SHARED_CREDENTIALS_FILE, a path: the pipeline forwards storage
+settings to Ray workers, never secrets). The end-to-end test runs the tiny profile with
+``run.storage_path: s3://...`` from preprocess to report, then again with every stage cached.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipelines import common
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+DATA = str(ROOT / "data" / "tiny" / "pairs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's S3 server in a subprocess; yields the environment a client needs to reach it."""
+    work = tmp_path_factory.mktemp("moto")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    creds = work / "credentials"
+    creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(work / "moto.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not come up: {(work / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_EC2_METADATA_DISABLED": "true"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own process group: exactly the server
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch, tmp_path):
+    """A fresh bucket; this test's environment points at the server (no real AWS keys reach it)."""
+    import boto3
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    name = f"qa-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def _keys(bucket: str, prefix: str = "") -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    # pyarrow's create_dir leaves empty "dir/" marker objects: only real files count
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []) if not o["Key"].endswith("/"))
+
+
+def test_files_on_s3(bucket):
+    """Text/JSON round trips, listing, copy and delete through the same calls as local paths."""
+    import boto3
+
+    root = f"s3://{bucket}/runs/r"
+    common.write_json(common.join(root, "a", "m.json"), {"x": [1, 2]})
+    common.write_text(common.join(root, "a", "t.txt"), "héllo\n")
+    assert common.read_json(f"{root}/a/m.json") == {"x": [1, 2]}
+    assert common.read_text(f"{root}/a/t.txt") == "héllo\n"
+    assert common.exists(f"{root}/a") and common.exists(f"{root}/a/t.txt") and not common.exists(f"{root}/b")
+    assert common.list_files(f"{root}/a") == ["m.json", "t.txt"] and common.list_files(f"{root}/none") == []
+    # the atomic write left no temporary object behind; the bytes are what boto3 reads
+    assert _keys(bucket) == ["runs/r/a/m.json", "runs/r/a/t.txt"]
+    body = boto3.client("s3").get_object(Bucket=bucket, Key="runs/r/a/t.txt")["Body"].read()
+    assert body == "héllo\n".encode()
+    common.copy_file(f"{root}/a/t.txt", f"{root}/c/t.txt")
+    assert common.read_text(f"{root}/c/t.txt") == "héllo\n"
+    common.remove(f"{root}/a")
+    common.remove(f"{root}/never")  # absent: nothing happens
+    assert _keys(bucket) == ["runs/r/c/t.txt"]
+
+
+def test_local_copy_downloads_once_and_again_after_a_change(bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{bucket}/x/adapter"
+    common.write_text(f"{uri}/weights.bin", "A" * 100)
+    common.write_text(f"{uri}/sub/cfg.json", "{}")
+    first = common.local_copy(uri)
+    assert Path(first).name == "adapter" and str(tmp_path / "cache" / "remote") in first
+    assert sorted(str(p.relative_to(first)) for p in Path(first).rglob("*") if p.is_file()) == \
+        ["sub/cfg.json", "weights.bin"]
+    assert Path(first, "weights.bin").read_text() == "A" * 100
+    marker = Path(first, "weights.bin").stat().st_mtime_ns
+    assert common.local_copy(uri) == first and Path(first, "weights.bin").stat().st_mtime_ns == marker  # cached
+    # a retrained adapter: same size, new content (S3 times have 1 s resolution)
+    time.sleep(1.1)
+    common.write_text(f"{uri}/weights.bin", "B" * 100)
+    second = common.local_copy(uri)
+    assert second != first and Path(second, "weights.bin").read_text() == "B" * 100
+    assert not Path(first).exists()  # the old version is gone: one copy per URI on disk
+    # one file; a local path is returned as is; a missing URI is one clear error
+    one = common.local_copy(f"{uri}/sub/cfg.json")
+    assert Path(one).name == "cfg.json" and Path(one).read_text() == "{}"
+    assert common.local_copy(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        common.local_copy(f"s3://{bucket}/nothing-here")
+
+
+def test_adapter_on_s3_resolves_and_loads(bucket, tiny_model_dir, tmp_path, monkeypatch):
+    """An adapter saved to the bucket: found from its train dir, read (objective, QConfig), loaded with its weights."""
+    import pyarrow.fs as pafs
+    import torch
+
+    from pipelines.evaluate import adapter_objective, resolve_adapter_dir, saved_q_config
+    from qcore.config import AdapterConfig, QConfig
+    from qcore.model import QAdapterModel
+
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path / "cache"))
+    model = QAdapterModel.from_pretrained(tiny_model_dir, adapter_cfg=AdapterConfig(rank=2),
+                                          q_cfg=QConfig(alpha_0=0.25))
+    with torch.no_grad():
+        for n, p in model.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # B = 0 at init would make any loaded adapter look right
+    model.save_pretrained(tmp_path / "saved", objective="qadapter")
+    train_dir = f"s3://{bucket}/runs/tiny/train/qadapter-abc"
+    fs, path = common.resolve_fs(f"{train_dir}/adapter")
+    pafs.copy_files(str(tmp_path / "saved"), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    adir = resolve_adapter_dir(train_dir)
+    assert adir == f"{train_dir}/adapter"  # a URI stays a URI: each loader localizes it on its own node
+    assert adapter_objective(adir) == "qadapter" and saved_q_config(adir).alpha_0 == 0.25
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        resolve_adapter_dir(f"s3://{bucket}/runs/tiny/train")  # no adapter under it
+    loaded = QAdapterModel.from_pretrained(tiny_model_dir, adapter_path=common.local_copy(adir), is_trainable=False)
+    want = {n: p for n, p in model.peft_model.named_parameters() if "lora_" in n}
+    got = {n: p for n, p in loaded.peft_model.named_parameters() if "lora_" in n}
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert loaded.q_config.alpha_0 == 0.25
+
+
+def test_storage_settings_and_refusals(monkeypatch):
+    from qcore.config import load_config
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-runtime-env")
+    env = common.worker_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["OMP_NUM_THREADS"] == common.WORKER_ENV["OMP_NUM_THREADS"]
+    cfg = load_config(TINY, ["--run.storage_path", "s3://b/runs?endpoint_override=127.0.0.1:9000"])
+    with pytest.raises(ValueError, match="run.storage_path"):
+        common.run_dir(cfg)
+    assert common.run_dir(load_config(TINY, ["--run.storage_path", "s3://b/runs/"])) == "s3://b/runs/tiny"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_full_pipeline_on_s3_then_all_cached(ray_session, bucket, capsys):
+    """The tiny profile with run.storage_path s3://...: every artifact in the bucket, a rerun skips every stage."""
+    from pipelines import full
+
+    argv = ["--config", TINY, "--data.train_files", f"[{DATA}]", "--run.storage_path", f"s3://{bucket}/runs"]
+    t0 = time.time()
+    res = full.main(argv)
+    first = capsys.readouterr().out
+    wall_first = time.time() - t0
+    keys = _keys(bucket, "runs/tiny/")
+    rel = [k[len("runs/tiny/"):] for k in keys]
+    for name in ("manifest.json", "report.md", "report.json"):
+        assert name in rel, rel
+    adapter = res["train"]["qadapter"]["adapter_dir"]
+    assert adapter.startswith(f"s3://{bucket}/runs/tiny/train/qadapter-") and adapter.endswith("/adapter")
+    prefix = adapter[len(f"s3://{bucket}/"):]
+    for f in ("adapter_config.json", "adapter_model.safetensors", "qadapter.json"):
+        assert f"{prefix}/{f}" in keys, keys
+    assert any(k.startswith("evaluate/") and k.endswith("/results.json") for k in rel), rel
+    assert any(k.startswith("preprocess/") and k.endswith("/stats.json") for k in rel)
+    assert any(k.startswith("tune/") and k.endswith("/results.csv") for k in rel)
+    results = json.loads(common.read_text(res["evaluate"]["results_path"]))
+    assert set(results["methods"]) >= {"base", "qadapter"}
+    assert results["methods"]["qadapter"]["adapter"] == adapter  # what was evaluated: the bucket's adapter
+    report = common.read_text(f"s3://{bucket}/runs/tiny/report.md")
+    assert "qadapter" in report
+    # the report read the sweep's results.csv from the bucket (it plots the Tune front only when it finds it)
+    assert any(k.startswith("report/") and k.endswith("plots/tune_pareto.png") for k in rel), rel
+    manifest = common.Manifest(f"s3://{bucket}/runs/tiny")
+    stages = manifest.data["stages"]
+    assert sorted(stages) == ["evaluate", "preprocess", "report", "train/qadapter", "tune"], sorted(stages)
+    assert all(e["status"] == "finished" for e in stages.values()), stages
+    assert stages["preprocess"]["outputs"]["read"] == 64
+    for name in stages:
+        assert f"run  {name}" in first
+
+    t1 = time.time()
+    again = full.main(argv)
+    second = capsys.readouterr().out
+    wall_second = time.time() - t1
+    for name in stages:
+        assert f"skip {name} (cached)" in second and f"run  {name}" not in second, name
+    events = common.Manifest(f"s3://{bucket}/runs/tiny").events()
+    assert [e for _, e in events].count("run") == 5 and [e for _, e in events].count("skip") == 5, events
+    assert again["train"]["qadapter"]["adapter_dir"] == adapter
+    print(f"s3 pipeline: {wall_first:.1f}s, all cached: {wall_second:.1f}s; stage seconds "
+          f"{ {n: e['wall_s'] for n, e in stages.items()} }")
