@@ -17,7 +17,10 @@ the CPUs of one trial (``tune.num_workers * train.cpus_per_worker``; GPUs too wh
 Outputs in ``out_dir``: ``results.csv`` and ``results.md`` (one row per trial: the searched keys, the metric, the
 final metrics), ``best_config.yaml`` (the whole config with the best overrides applied), ``best.json``; the Tune
 experiment (``progress.csv``, ``result.json`` and TensorBoard ``events.out.tfevents*`` per trial, plus each trial's
-Ray Train run) under ``out_dir/<experiment>``.
+Ray Train run with its own ``tensorboard/`` event files, the same scalars a train stage writes) under
+``out_dir/<experiment>``: ``tensorboard --logdir <out_dir>`` shows them all. With ``run.mlflow_tracking_uri`` every
+trial is also one MLflow run (tag ``qadapter.trial``) in experiment ``run.mlflow_experiment``, params = its config.
+Tune's sampler is seeded with ``run.seed``.
 
 CLI: ``python pipelines/tune.py --config configs/tiny.yaml --data runs/<name>/preprocess [--out DIR] [--tune.num_samples 8]``
 """
@@ -109,7 +112,8 @@ def _make_trainable(base: dict, storage: str):
         cfg = apply_overrides(config_from_dict(base), {k: _py(v) for k, v in config.items()})
         trial_id = tune.get_context().get_trial_id()
         trainer, _ = build_trainer(cfg, None, storage_path=storage, name=f"train-{trial_id}",
-                                   callbacks=[TuneReportCallback()], datasets=datasets)
+                                   callbacks=[TuneReportCallback()], datasets=datasets,
+                                   tracking_tags={"qadapter.stage": "tune", "qadapter.trial": trial_id})
         trainer.fit()
 
     return qadapter_trial
@@ -130,7 +134,8 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
     """Sweep ``cfg.tune.space`` with ``cfg.tune.num_samples`` trials of the train stage on ``data_dir``.
 
     Returns {best_overrides (dotted key -> value), best_metrics, results_csv, results_md, best_config_yaml,
-    num_trials, logdir (the Tune experiment), tensorboard_files, max_concurrent_trials, seconds}."""
+    num_trials, logdir (the Tune experiment), tensorboard_files, max_concurrent_trials, mlflow_experiment
+    (None without run.mlflow_tracking_uri), seconds}."""
     import pandas as pd
     import yaml
 
@@ -138,7 +143,7 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from pipelines.train import _storage, load_datasets
+    from pipelines.train import _storage, load_datasets, mlflow_experiment
 
     t0 = time.time()
     init_ray(cfg)
@@ -149,6 +154,7 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
     if "://" not in out_dir:
         os.makedirs(out_dir, exist_ok=True)
     trial_cfg = trial_config(cfg)
+    experiment = mlflow_experiment(cfg)  # created once here: concurrent trials would race to create it
     space = build_space(tc.space)
     datasets = load_datasets(str(data_dir), materialize_train=True)  # read once, shared by every trial
     n_train = datasets["train"].count()
@@ -191,11 +197,13 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
         row = [metrics.get("trial_id") or Path(r.path).name, status, *[_py(r.config.get(k)) for k in keys],
                *[metrics.get(m) for m in TABLE_METRICS], metrics.get("training_iteration")]
         rows.append(row)
-        if not r.error and tc.metric in metrics:
-            ok.append((metrics[tc.metric], r))
+        value = metrics.get(tc.metric)
+        # a NaN (diverged) trial never wins: min/max would keep a leading NaN, since every comparison with it fails
+        if not r.error and isinstance(value, (int, float)) and math.isfinite(value):
+            ok.append((value, r))
     if not ok:
         errors = "; ".join(str(r.error)[:500] for r in results if r.error)
-        raise RuntimeError(f"no Tune trial reported {tc.metric!r}: {errors or 'no results'}")
+        raise RuntimeError(f"no Tune trial reported a finite {tc.metric!r}: {errors or 'no results'}")
     best_value, best = (min if tc.mode == "min" else max)(ok, key=lambda x: x[0])
     best_overrides = {k: _py(best.config[k]) for k in keys}
     best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float, str, bool))}
@@ -225,10 +233,13 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
     seconds = time.time() - t0
     print(f"[tune] best {best_overrides} -> {tc.metric}={best_value:.6g}; {len(tb_files)} TensorBoard files; "
           f"{seconds:.1f}s", flush=True)
+    # Ray's own hint at the start names its local staging copy; the results live here
+    print(f"[tune] curves of every trial: tensorboard --logdir {out_dir}"
+          + (f"; MLflow experiment {experiment!r} at {cfg.run.mlflow_tracking_uri}" if experiment else ""), flush=True)
     return {"best_overrides": best_overrides, "best_metrics": best_metrics, "results_csv": results_csv,
             "results_md": results_md, "best_config_yaml": best_config_yaml, "num_trials": len(rows),
             "logdir": logdir, "tensorboard_files": tb_files, "max_concurrent_trials": concurrency,
-            "seconds": seconds}
+            "mlflow_experiment": experiment, "seconds": seconds}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
