@@ -11,7 +11,9 @@ Saved form: a standard PEFT adapter directory (adapter_config.json + adapter_mod
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import inspect
 import json
 from dataclasses import dataclass
@@ -37,19 +39,35 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def customized_logits(q_logits, base_logits, alpha_0: float, alpha_tilde: float) -> torch.Tensor:
+def customized_logits(q_logits, base_logits, alpha_0, alpha_tilde) -> torch.Tensor:
     """(Q + alpha_0 * log_softmax(z_base)) / alpha_tilde, in float32 (any input dtype). base_logits may be None
-    when alpha_0 == 0 (the policy is then Q / alpha_tilde: no base pass is needed)."""
-    if alpha_tilde <= 0:
+    when alpha_0 == 0 (the policy is then Q / alpha_tilde: no base pass is needed). alpha_0 / alpha_tilde: floats,
+    or [B] tensors (one dial per row of a batch, e.g. requests of a served batch)."""
+    a0, at = _dial_value(alpha_0, q_logits), _dial_value(alpha_tilde, q_logits)
+    if bool(torch.as_tensor(at).le(0).any()):
         raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
-    if alpha_0 < 0:
+    if bool(torch.as_tensor(a0).lt(0).any()):
         raise ValueError(f"alpha_0 must be >= 0, got {alpha_0}")
     if base_logits is None:
-        if alpha_0 != 0:
+        if bool(torch.as_tensor(a0).ne(0).any()):
             raise ValueError(f"alpha_0 = {alpha_0} needs the base logits (the base pass was skipped)")
-        return q_logits.float() / alpha_tilde
+        return q_logits.float() / at
     base_logprobs = F.log_softmax(base_logits.float(), dim=-1)
-    return (q_logits.float() + alpha_0 * base_logprobs) / alpha_tilde
+    return (q_logits.float() + a0 * base_logprobs) / at
+
+
+def _dial_value(value, like: torch.Tensor):
+    """A float stays a float; a [B] tensor becomes [B, 1, ...] to broadcast over the rows of ``like``."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        if value.shape[0] != like.shape[0]:
+            raise ValueError(f"a per-row dial needs {like.shape[0]} entries, got {value.shape[0]}")
+        return value.to(like.device, torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
+    return float(value)
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +110,8 @@ class QAdapterModel(torch.nn.Module):
         # transformers >= 5.2x renamed past_key_values -> cache (the old name is deprecated); support both.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.supports_logits_to_keep = "logits_to_keep" in params
-        self._tuner_layer_cache = None  # LoRA layers, for adapter_disabled_fast
+        self._tuner_layer_cache = None  # LoRA layers, for adapter_disabled_fast and mixed_adapters
+        self._aux_cache = None  # peft's modules_to_save / trainable-token wrappers, for mixed_adapters
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -111,7 +130,7 @@ class QAdapterModel(torch.nn.Module):
     def from_pretrained(cls, base_path: str, adapter_path: str | None = None, adapter_cfg: AdapterConfig | None = None,
                         q_cfg: QConfig | None = None, dtype: str | torch.dtype = "float32",
                         trust_remote_code: bool = False, is_trainable: bool = True,
-                        attn_implementation: str | None = None):
+                        attn_implementation: str | None = None, adapter_name: str = "default"):
         """Load a local base model (a directory, or "tiny" / "smollm2-135m"), then either attach a fresh adapter
         (adapter_path None) or load a saved one. With adapter_path, the QConfig comes from its qadapter.json;
         an explicit q_cfg overrides it. adapter_cfg is ignored when loading (the saved adapter defines it)."""
@@ -128,8 +147,9 @@ class QAdapterModel(torch.nn.Module):
             return cls.from_model(hf_model, adapter_cfg, q_cfg)
 
         saved_q, saved_adapter = read_qadapter_json(adapter_path)
-        peft_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=is_trainable)
-        lcfg = peft_model.peft_config["default"]  # the truth for the weights; qadapter.json keeps the list's order
+        peft_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=is_trainable,
+                                               adapter_name=adapter_name)
+        lcfg = peft_model.peft_config[adapter_name]  # the truth for the weights; qadapter.json keeps the list's order
         targets = list(saved_adapter.target_modules) if saved_adapter else []
         if set(targets) != set(lcfg.target_modules):
             targets = sorted(lcfg.target_modules)
@@ -168,6 +188,27 @@ class QAdapterModel(torch.nn.Module):
         finally:
             for layer, flag in zip(layers, old):
                 layer._disable_adapters = flag
+
+    @contextlib.contextmanager
+    def mixed_adapters(self, adapter_names: list[str]):
+        """Within: every forward runs row i through adapter ``adapter_names[i]`` ("__base__" = adapter off), PEFT's
+        mixed-adapter batch (the LoRA layers' ``adapter_names`` argument). Same as peft's ``forward(...,
+        adapter_names=...)``, but the hooks go on the cached layers once for a whole decode loop: peft's path walks
+        every module twice per call. Needs eval mode (peft refuses mixed batches in training)."""
+        from functools import partial
+
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        if self._aux_cache is None:
+            self._aux_cache = [m for m in self.peft_model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+                   for m in [*self._tuner_layers(), *self._aux_cache]]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _tuner_layers(self) -> list:
         if self._tuner_layer_cache is None:
@@ -235,7 +276,8 @@ class QAdapterModel(torch.nn.Module):
         return customized_logits(q_logits, base_logits, a0, at)
 
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-        """Two-pass, two-KV-cache generation from the customized policy: see qcore.generation.generate."""
+        """Generation from the customized policy (both passes of each step in one decoder call where PEFT can mix
+        adapters in a batch, else two calls with two KV caches): see qcore.generation.generate."""
         from qcore.generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
@@ -286,6 +328,7 @@ class QAdapterModel(torch.nn.Module):
                 "adapter_config": dataclasses.asdict(self.adapter_config),
                 "base_model": getattr(self.config, "_name_or_path", None)}
         (out / QADAPTER_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (out / "README.md").write_text(model_card(meta))  # replaces PEFT's generic card: say what loads what
         return out
 
     def _normalize_adapter_state_dict(self, state_dict):
@@ -306,6 +349,62 @@ class QAdapterModel(torch.nn.Module):
         if missing:
             raise KeyError(f"state_dict lacks {len(missing)} LoRA parameters, e.g. {missing[0]}")
         return fixed
+
+
+def model_card(meta: dict) -> str:
+    """The README.md of a saved adapter directory: what the adapter is, how to use it, and what plain LoRA loading
+    (PeftModel, vLLM, merging) gives instead - for a Q-Adapter, softmax(Q), the alpha_0 = 0 policy."""
+    q, objective = meta["q_config"], meta["objective"]
+    base = meta.get("base_model") or "the base model it was trained on"
+    tags = ["qadapter", "lora"] + ([objective] if objective != "qadapter" else [])
+    front = "\n".join(["---", "library_name: peft", *([f"base_model: {base}"] if meta.get("base_model") else []),
+                       "tags:", *[f"- {t}" for t in tags], "---"])
+    usage = f"""## How to use it
+
+```python
+from qcore.model import QAdapterModel, QAdapterForCausalLM
+model = QAdapterModel.from_pretrained("{base}", adapter_path="<this directory>")
+out = model.generate(input_ids, attention_mask, max_new_tokens=64)     # the customized policy, two passes per token
+out = model.generate(input_ids, attention_mask, alpha_0=0.5)           # the dial, no retraining
+
+import transformers                                                    # or as a transformers pipeline:
+pipe = transformers.pipeline("text-generation", model=QAdapterForCausalLM.from_pretrained("{base}", "<this directory>"),
+                             tokenizer="{base}")
+```
+From the command line: `qadapter generate --adapter <this directory> < prompts.txt`, `qadapter chat --adapter ...`;
+as an OpenAI-compatible server (the dial per request): `qadapter serve --adapter <this directory>`.
+"""
+    if objective == "qadapter":
+        what = f"""# Q-Adapter (residual-Q LoRA adapter)
+
+This is a **Q-Adapter** (Li et al., ICLR 2025, arXiv 2407.03856): a LoRA adapter whose logits are a residual
+Q-function Q(s, .) on top of the base model pi_pre. It was trained for the customized policy
+
+    pi_custom(.|s) = softmax((Q(s, .) + alpha_0 * log pi_pre(.|s)) / alpha_tilde)
+
+with alpha_0 = {q["alpha_0"]}, alpha_tilde = {q["alpha_tilde"]} (qadapter.json; both can be turned at inference
+time). Every token needs two passes of the network: adapter on (Q) and adapter off (the base's log pi_pre).
+
+## What plain LoRA loading gives: NOT the trained policy
+
+Loading this directory the ordinary way - `peft.PeftModel.from_pretrained`, vLLM's / SGLang's LoRA support,
+`merge_and_unload()` - and sampling from its logits gives **softmax(Q), the alpha_0 = 0, alpha_tilde = 1 policy**,
+without the base model's log pi_pre term that keeps the adapter close to what the base knows. That is a different
+policy from the one trained (unless alpha_0 = 0 and alpha_tilde = 1). Use `QAdapterModel` /
+`QAdapterForCausalLM` / `qadapter serve` below, which combine both passes at every step.
+"""
+    else:
+        what = f"""# LoRA adapter trained with `{objective}` (a Q-Adapter project baseline)
+
+An ordinary LoRA adapter: its policy is softmax of its logits, so plain `peft.PeftModel.from_pretrained`, vLLM's
+LoRA support or merging give exactly the trained policy. The tools below serve it too (alpha_0 = 0).
+"""
+    files = """## Files
+
+- `adapter_config.json`, `adapter_model.safetensors`: the PEFT LoRA adapter (safetensors, no pickles)
+- `qadapter.json`: the Q-Adapter constants (q_config), the LoRA settings, the training objective, the base model
+"""
+    return f"{front}\n\n{what}\n{usage}\n{files}"
 
 
 def read_qadapter_json(adapter_path: str | Path) -> tuple[QConfig, AdapterConfig | None]:
@@ -330,3 +429,75 @@ def read_objective(adapter_path: str | Path) -> str:
         raise ValueError(f"{path}: 'objective' is {objective!r}, expected one of {OBJECTIVES} (saved by an older "
                          f"version? add the key by hand)")
     return objective
+
+
+class QAdapterForCausalLM:
+    """A Q-Adapter as a transformers text-generation model: ``transformers.pipeline("text-generation",
+    model=QAdapterForCausalLM.from_pretrained(base, adapter), tokenizer=base)`` works, and its ``generate()`` is the
+    customized policy (qcore.generation.generate: both passes per token), not softmax(Q).
+
+    Built lazily as a subclass of transformers' PreTrainedModel + GenerationMixin (see ``_wrapper_class``) so that
+    the pipeline's checks pass; generation kwargs a pipeline sends (max_new_tokens, do_sample, temperature, top_p,
+    top_k, eos/pad ids, a generation_config) are mapped onto ours, plus alpha_0 / alpha_tilde."""
+
+    def __new__(cls, qmodel: "QAdapterModel"):
+        return _wrapper_class()(qmodel)
+
+    @staticmethod
+    def from_pretrained(base_path: str, adapter_path: str, **kwargs):
+        kwargs.setdefault("is_trainable", False)
+        return QAdapterForCausalLM(QAdapterModel.from_pretrained(base_path, adapter_path=adapter_path, **kwargs))
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_class():
+    from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class _QAdapterForCausalLM(PreTrainedModel, GenerationMixin, QAdapterForCausalLM):
+        _supports_sdpa = True
+
+        def __new__(cls, *args, **kwargs):  # QAdapterForCausalLM.__new__ builds this class; do not recurse
+            return object.__new__(cls)
+
+        def __init__(self, qmodel):
+            super().__init__(qmodel.config)
+            self.qmodel = qmodel
+            base = qmodel.peft_model.get_base_model()
+            self.generation_config = copy.deepcopy(getattr(base, "generation_config", None) or GenerationConfig())
+
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            """Logits of the customized policy over the whole sequence (both passes, no cache)."""
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            with torch.no_grad():
+                q, base = self.qmodel.q_and_base_logits(input_ids, attention_mask)
+            return CausalLMOutput(logits=self.qmodel.customized_logits(q, base))
+
+        def can_generate(self) -> bool:
+            return True
+
+        def generate(self, input_ids=None, attention_mask=None, generation_config=None, alpha_0=None,
+                     alpha_tilde=None, **kwargs):
+            cfg = copy.deepcopy(generation_config or self.generation_config)
+            known = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(cfg, k)}
+            for k, v in known.items():
+                setattr(cfg, k, v)
+            if kwargs:
+                raise TypeError(f"QAdapterForCausalLM.generate: unsupported arguments {sorted(kwargs)}")
+            beams, seqs = getattr(cfg, "num_beams", 1), getattr(cfg, "num_return_sequences", 1)
+            if beams not in (None, 1) or seqs not in (None, 1):
+                raise ValueError("QAdapterForCausalLM.generate: beam search / num_return_sequences > 1 unsupported")
+            max_new = cfg.max_new_tokens
+            if max_new is None:
+                max_new = max(1, (cfg.max_length or 20) - input_ids.shape[1])
+            do_sample = bool(cfg.do_sample)
+            return self.qmodel.generate(
+                input_ids, attention_mask, max_new_tokens=max_new, do_sample=do_sample,
+                temperature=cfg.temperature if do_sample and cfg.temperature else 1.0,
+                top_p=cfg.top_p if do_sample and cfg.top_p is not None else 1.0,
+                top_k=cfg.top_k if do_sample and cfg.top_k else 0, alpha_0=alpha_0, alpha_tilde=alpha_tilde,
+                eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+
+    _QAdapterForCausalLM.__name__ = _QAdapterForCausalLM.__qualname__ = "QAdapterForCausalLM"
+    return _QAdapterForCausalLM

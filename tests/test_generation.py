@@ -237,13 +237,95 @@ def test_skipping_the_base_pass_at_alpha_0_zero(tiny_model):
     model = _model(tiny_model, q_cfg=QConfig(alpha_0=0.0, alpha_tilde=0.7))
     ids, mask, _ = _prompts()
     kw = dict(max_new_tokens=10, do_sample=True, temperature=1.0, eos_token_id=[])
-    calls = []
-    hook = model.peft_model.register_forward_hook(lambda *a: calls.append(1))
+    calls = []  # rows of each decoder call
+    hook = model.peft_model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)
     one = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), need_base=False, **kw)
     n_one = len(calls)
-    two = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    two = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), batch_passes=False, **kw)
+    n_two = len(calls) - n_one
+    mixed = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
     hook.remove()
-    assert torch.equal(one, two)
-    assert (n_one, len(calls) - n_one) == (10, 20)  # one forward per token vs two
+    assert torch.equal(one, two) and torch.equal(one, mixed)
+    assert (n_one, n_two) == (10, 20)  # one forward per token vs two
+    assert calls[:n_one] == [3] * 10 and calls[n_one + n_two:] == [6] * 10  # the mixed path: one call of 2B rows
     with pytest.raises(ValueError, match="alpha_0 == 0"):
         generate(model, ids, mask, max_new_tokens=2, alpha_0=0.1, need_base=False)
+
+
+def _recorded(model, **kw):
+    """generate(...) and the customized logits of every step (recorded the way the evaluate stage does it)."""
+    steps, original = [], model.customized_logits
+
+    def recording(q, base, alpha_0=None, alpha_tilde=None):
+        out = original(q, base, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+        steps.append(out.clone())
+        return out
+
+    model.customized_logits = recording
+    try:
+        out = generate(model, **kw)
+    finally:
+        del model.customized_logits
+    return out, torch.stack(steps, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_mixed_decoder_call_equals_two_calls(tiny_model, arch):
+    """Issue 11.2: adapter-on and adapter-off rows in ONE decoder call (PEFT mixed-adapter batch over a 2B-row KV
+    cache) give the two-call, two-cache path's tokens, and its logits within 1e-5 (fp32)."""
+    model = _model(tiny_model, arch)
+    ids, mask, _ = _prompts(lengths=(2, 7, 4, 9))
+    calls = []
+    hook = model.peft_model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    two, two_logits = _recorded(model, batch_passes=False, **kw)
+    n_two = len(calls)
+    one, one_logits = _recorded(model, batch_passes=True, **kw)
+    hook.remove()
+    assert (n_two, len(calls) - n_two) == (24, 12) and set(calls[n_two:]) == {8}
+    assert torch.equal(one, two)
+    assert (one_logits - two_logits).abs().max() < 1e-5
+    assert (one_logits - two_logits).abs().max() < (one_logits.std() * 1e-3)  # far below the logits' own scale
+    # the hooks are gone afterwards: a plain forward is the adapter-on forward again
+    with torch.no_grad():
+        q_after = model.peft_model(input_ids=ids, attention_mask=mask).logits
+        with model.adapter_disabled():
+            base_after = model.peft_model(input_ids=ids, attention_mask=mask).logits
+    assert (q_after - base_after).abs().max() > 1e-2
+
+
+def test_mixed_batch_falls_back_where_peft_cannot_mix(tiny_model):
+    """DoRA cannot be mixed in a batch: the default falls back to two calls (same tokens), batch_passes=True says
+    why it cannot."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
+                                                       target_modules=["q_proj", "v_proj"]))
+    model = QAdapterModel(peft_model, AdapterConfig(rank=4, lora_alpha=8, dropout=0.0), QConfig(alpha_0=0.5))
+    _perturb_lora(model)
+    ids, mask, _ = _prompts()
+    auto = generate(model, ids, mask, max_new_tokens=6, eos_token_id=[])
+    two = generate(model, ids, mask, max_new_tokens=6, eos_token_id=[], batch_passes=False)
+    assert torch.equal(auto, two)
+    with pytest.raises(ValueError, match="DoRA"):
+        generate(model, ids, mask, max_new_tokens=2, batch_passes=True)
+
+
+def test_per_row_dial_equals_each_row_alone(tiny_model):
+    """One batch, a different (alpha_0, alpha_tilde) per row (served requests): each row = that row alone."""
+    model = _model(tiny_model)
+    ids, mask, raw = _prompts(lengths=(3, 6, 9))
+    a0, at = torch.tensor([0.0, 0.7, 3.0]), torch.tensor([1.0, 0.5, 2.0])
+    batched = generate(model, ids, mask, max_new_tokens=8, eos_token_id=[], alpha_0=a0, alpha_tilde=at)
+    alone = [generate(model, r[None], None, max_new_tokens=8, eos_token_id=[], alpha_0=float(a0[i]),
+                      alpha_tilde=float(at[i]))[0, len(r):] for i, r in enumerate(raw)]
+    for i in range(3):
+        assert torch.equal(batched[i, 9:], alone[i]), i
+    assert not torch.equal(alone[0], alone[2]) or not torch.equal(alone[0], alone[1])  # the dial matters here
+    # per-row limits: row 1 stops after 3 tokens (then pad), the others run on
+    lim = generate(model, ids, mask, max_new_tokens=[8, 3, 8], eos_token_id=[], pad_token_id=PAD, alpha_0=a0,
+                   alpha_tilde=at)
+    assert torch.equal(lim[1, 9:12], alone[1][:3]) and bool((lim[1, 12:] == PAD).all())
+    assert torch.equal(lim[0, 9:], alone[0]) and torch.equal(lim[2, 9:], alone[2])

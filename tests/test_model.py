@@ -252,3 +252,32 @@ def test_save_with_gathered_state_dict(tiny_model, tmp_path):
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(KeyError, match="lacks"):
         model.save_pretrained(tmp_path / "bad", state_dict=dict(list(full_names.items())[:-1]))
+
+
+def test_per_row_dial_and_mixed_adapter_forward(tiny_model):
+    """customized_logits takes one (alpha_0, alpha_tilde) per row; mixed_adapters runs row i through adapter
+    names[i] ("__base__" = off) in ONE forward and equals the two separate passes; bad dials are refused."""
+    model = QAdapterModel.from_model(tiny_model, AdapterConfig(dropout=0.0), QConfig(alpha_0=0.4, alpha_tilde=0.7))
+    _perturb_lora(model)
+    model.eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        q, base = model.q_and_base_logits(ids, mask)
+        with model.mixed_adapters(["default"] * 3 + ["__base__"] * 3):
+            both = model.peft_model(input_ids=ids.repeat(2, 1), attention_mask=mask.repeat(2, 1)).logits
+        after = model.peft_model(input_ids=ids, attention_mask=mask).logits  # hooks gone: adapter on again
+    assert (both[:3] - q).abs().max() < 1e-5 and (both[3:] - base).abs().max() < 1e-5
+    assert torch.equal(after, q)
+    a0, at = torch.tensor([0.0, 1.5, 0.3]), torch.tensor([1.0, 0.5, 2.0])
+    got = model.customized_logits(q, base, alpha_0=a0, alpha_tilde=at)
+    for i in range(3):
+        want = (q[i].double() + float(a0[i]) * torch.log_softmax(base[i].double(), -1)) / float(at[i])
+        assert (got[i].double() - want).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="alpha_tilde must be > 0"):
+        model.customized_logits(q, base, alpha_tilde=torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="alpha_0 must be >= 0"):
+        model.customized_logits(q, base, alpha_0=torch.tensor([1.0, -0.1, 1.0]))
+    with pytest.raises(ValueError, match="needs the base logits"):
+        model.customized_logits(q, None, alpha_0=torch.tensor([0.0, 0.1, 0.0]))
+    with pytest.raises(ValueError, match="3 entries"):
+        model.customized_logits(q, base, alpha_0=torch.tensor([0.0, 0.1]))

@@ -1,0 +1,5 @@
+import sys
+
+from qadapter.cli import main
+
+sys.exit(main())
