@@ -1,31 +1,47 @@
-"""Evaluate stage: Ray Data batch inference of the base model and every adapter, at every dial setting.
+"""Evaluate stage: the base model and every adapter (and every dial setting), judged on held-out data.
 
     python pipelines/evaluate.py --config configs/tiny.yaml --adapter qadapter=runs/x/train/qadapter/adapter \
-        --adapter dpo=runs/x/train/dpo/adapter [--data-dir DIR] [--out-dir DIR] [--eval.max_prompts 20 ...]
+        --adapter dpo=runs/x/train/dpo/adapter --data-dir runs/x/preprocess/<key> [--out-dir DIR] [--eval.X ...]
 
 A *policy* is (method, adapter dir or None, alpha_0, alpha_tilde). The policies evaluated are:
 - ``base``: the pre-trained model (no adapter; its logits are the policy), always;
 - one per adapter in ``adapters``: a Q-Adapter at its trained alpha_0/alpha_tilde (its qadapter.json), any other
-  objective (dpo | sft | replay) as the plain adapter-on policy (alpha_0 = 0, alpha_tilde = 1);
+  objective (dpo | sft | replay) as the plain adapter-on policy softmax(Q) (alpha_0 = 0, alpha_tilde = 1);
 - the dial: the Q-Adapter at each ``cfg.eval.dial`` setting ({alpha_0, alpha_tilde}), without retraining.
 
-Work rows (policy x held-out prompt, policy x probe question) flow through ``map_batches`` with a callable
-class on an actor pool (``cfg.eval.num_actors``, ``cfg.eval.batch_size`` rows per call). Each actor loads the
-base model + an adapter once, and again only when the rows move on to another adapter (rows are ordered by
-adapter). Per held-out row it generates greedily with the customized policy (two-pass, two-KV-cache
-``QAdapterModel.generate``), scores the answer with the preference oracle, and computes the per-token
-KL(pi_policy || pi_base) over the generated tokens; per probe row it generates greedily and checks the answer.
+The new preference is measured by the judges named in ``cfg.eval.judges`` (each writes its own columns):
+- ``pairs`` (any data, no generation): on the held-out pair split that preprocess wrote (``<data_dir>/eval``, the
+  first ``eval.max_pairs`` pairs by (source, row, pair_index)), the length-normalized log-likelihood (mean
+  per-token log-prob over the response tokens, EOS included) of chosen and of rejected under the policy's own
+  distribution: pi_custom = softmax((Q + alpha_0 log pi_pre) / alpha_tilde). pair_accuracy: share of pairs with
+  chosen above rejected (a tie 0.5); pair_margin: the mean difference.
+- ``oracle``: the embedded default's conciseness oracle on each greedy answer: pref_score (mean), win_rate
+  (paired against the base's answer to the same prompt, ties 0.5).
+- ``reward_model``: a local sequence-classification reward model (``eval.reward_model``) scores each answer:
+  rm_reward (mean), rm_win_rate (paired against the base's answer).
+- ``llm_judge``: a local instruct model or an OpenAI-compatible endpoint compares each answer with the base's,
+  in both orders (qcore.judges.LLMJudge): judge_win_rate.
+Answers are generated (greedy, two-pass ``QAdapterModel.generate``) only when a generation judge is named; then
+``kl_to_base`` is the mean per-token KL(pi_policy || pi_base) over all generated tokens (``eval.kl``), recorded
+during decoding. Held-out prompts: ``eval.prompts_file`` when set, else the prompts of the run's own eval split
+(never another run's files); none found = one line in ``notes``, the generation judges' columns stay empty.
 
-Per policy, from the rows (qcore.metrics):
-- pref_score: mean oracle score of its answers; win_rate: paired vs the base's answers to the same prompts
-  (ties 0.5, so the base itself is 0.5); probe_accuracy; kl_to_base: mean per-token KL over all generated
-  tokens of all held-out answers (the base: 0 by construction).
+Forgetting: with ``eval.lm_eval.tasks``, every policy runs through lm-evaluation-harness
+(``pipelines.forgetting.lm_eval_policies``); per task its score, and retention = policy score / base score; the
+mean retention over tasks is the capability axis of the report's Pareto plot. No tasks = one line in ``notes``.
 
-Inputs: ``cfg.eval.max_prompts`` caps both the held-out prompts and the probe questions (the first N of each).
-Outputs in ``out_dir``: results.json ({"methods": {name: metrics}, "dial": [...], ...}) and generations.jsonl
-(every row, for inspection). Cost: (1 + #adapters + #distinct dial settings) x (min(max_prompts, #prompts) +
-min(max_prompts, #probe)) greedy generations of at most max_new_tokens tokens (probe answers: at most
-PROBE_MAX_NEW_TOKENS), each token two forward passes (adapter on / off), plus one scoring forward per held-out batch.
+Statistics: every per-policy number carries a percentile-bootstrap interval over its items (``eval.confidence``,
+``eval.bootstrap_samples`` resamples, seeded by ``run.seed``) and its sample size n, under ``ci``; every
+difference against the base is a paired bootstrap (the same item indices for both), under ``vs_base``, with
+``within_noise`` when its interval contains 0 (win rates: against 0.5, the base's own win rate).
+
+Work rows (policy x held-out pair, policy x held-out prompt) flow through Ray Data ``map_batches`` with a callable
+class on an actor pool (``eval.num_actors``, ``eval.batch_size`` rows per call); rows are ordered by adapter, so an
+actor reloads the model only when its rows move on to another adapter. A pair batch is one forward
+(``q_and_base_logits``; the adapter-off pass is skipped where alpha_0 = 0).
+
+Outputs in ``out_dir``: results.json ({"methods": {name: metrics}, "dial": [...], "notes": [...], ...}),
+pair_scores.jsonl (per policy and pair), generations.jsonl (per policy and prompt, when answers were generated).
 """
 from __future__ import annotations
 
@@ -42,108 +58,146 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from qcore.config import Config  # noqa: E402
+from qcore.config import Config, EvalConfig  # noqa: E402
 
 log = logging.getLogger("qadapter.evaluate")
 
-METRIC_KEYS = ("pref_score", "win_rate", "probe_accuracy", "kl_to_base")
 OBJECTIVES = ("qadapter", "dpo", "sft", "replay")
-PROMPTS_NAME = "heldout_prompts.jsonl"
-PROBE_NAME = "probe.jsonl"
-PROBE_MAX_NEW_TOKENS = 32  # probe answers are short; min(this, eval.max_new_tokens) new tokens per probe answer
+JUDGES = EvalConfig.JUDGES
+GENERATION_JUDGES = ("oracle", "reward_model", "llm_judge")
+# Each judge's columns; the first is its preference measure (the y axis of the Pareto plot for the first judge).
+JUDGE_COLUMNS = {"pairs": ("pair_accuracy", "pair_margin"), "oracle": ("win_rate", "pref_score"),
+                 "reward_model": ("rm_win_rate", "rm_reward"), "llm_judge": ("judge_win_rate",)}
+WIN_RATES = ("win_rate", "rm_win_rate", "judge_win_rate")  # paired against the base: the base itself is 0.5
+PAIR_COLUMNS = ("chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask",
+                "prompt_length", "prompt_json")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
+    """JSON lines from a local path or a pyarrow URI; a bad line fails naming the file and the line."""
+    from pipelines.common import read_text
+
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not JSON: {err}") from None
+    for n, line in enumerate(read_text(str(path)).splitlines(), 1):
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON: {err}") from None
     return rows
 
 
-def _find(explicit: Optional[str], key: str, data_dir: Optional[str], names: list[str]) -> Path:
-    if explicit:  # absolute, or relative to the working directory, else to the repository root
+def resolve_prompts_file(explicit: str) -> str:
+    """``eval.prompts_file``: a URI, an absolute path, or relative to the working directory, else to the repo."""
+    from pipelines.common import exists
+
+    if "://" in explicit:
+        if exists(explicit):
+            return explicit
+    else:
         for p in (Path(explicit), Path(_ROOT) / explicit):
             if p.exists():
-                return p.resolve()
-        raise FileNotFoundError(f"config key '{key}' = {explicit!r}: file not found")
-    tried = []
-    for base in [data_dir, os.path.join(_ROOT, "data")] if data_dir else [os.path.join(_ROOT, "data")]:
-        for name in names:
-            p = Path(base) / name
-            tried.append(str(p))
-            if p.exists():
-                return p
-    raise FileNotFoundError(f"no file for config key '{key}': set it, or put one of {tried}")
+                return str(p.resolve())
+    raise FileNotFoundError(f"config key 'eval.prompts_file' = {explicit!r}: file not found")
 
 
-def resolve_eval_files(cfg: Config, data_dir: Optional[str]) -> tuple[Path, Path]:
-    """(held-out prompts, probe): cfg.eval.prompts_file / probe_file, else looked up in data_dir (and its
-    ``default/`` subfolder, its parent for the probe), then in <repo>/data."""
-    prompts = _find(cfg.eval.prompts_file, "eval.prompts_file", data_dir,
-                    [PROMPTS_NAME, f"{cfg.run.name}/{PROMPTS_NAME}", f"default/{PROMPTS_NAME}"])
-    probe = _find(cfg.eval.probe_file, "eval.probe_file", data_dir, [PROBE_NAME, f"../{PROBE_NAME}"])
-    return prompts, probe
-
-
-def load_prompts(path: Path, max_prompts: int) -> list[Any]:
-    rows = read_jsonl(path)
+def load_prompts(path: str, max_prompts: int) -> list[Any]:
     prompts = []
-    for n, row in enumerate(rows, 1):
-        if "prompt" not in row:
-            raise ValueError(f"{path}:{n}: a held-out prompt row needs a 'prompt' key, got {sorted(row)}")
+    for n, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ValueError(f"{path}:{n}: a held-out prompt row needs a 'prompt' key, got "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
         prompts.append(row["prompt"])
     return prompts[:max_prompts] if max_prompts and max_prompts > 0 else prompts
 
 
-def load_probe(path: Path, max_items: int) -> list[dict]:
-    rows = read_jsonl(path)
-    for n, row in enumerate(rows, 1):
-        if "question" not in row or "answer" not in row:
-            raise ValueError(f"{path}:{n}: a probe row needs 'question' and 'answer', got {sorted(row)}")
-    return rows[:max_items] if max_items and max_items > 0 else rows
+def read_eval_pairs(data_dir: Optional[str]) -> Optional[list[dict]]:
+    """The held-out pair rows preprocess wrote (``<data_dir>/eval``, Parquet, local or URI), in a fixed order
+    (source, row, pair_index); None when there is no such split. A missing column fails naming it."""
+    import pyarrow.dataset as pads
+
+    from pipelines.common import exists, resolve_fs
+
+    if not data_dir:
+        return None
+    eval_dir = f"{str(data_dir).rstrip('/')}/eval"
+    if not exists(eval_dir):
+        return None
+    fs, root = resolve_fs(eval_dir)
+    table = pads.dataset(root, filesystem=fs, format="parquet").to_table()
+    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{eval_dir}: the held-out pair split lacks the columns {missing} (rerun preprocess)")
+    order = [c for c in ("source", "row", "pair_index") if c in table.column_names]
+    if order and table.num_rows:
+        table = table.sort_by([(c, "ascending") for c in order])
+    return table.select(list(PAIR_COLUMNS)).to_pylist()
 
 
-def probe_gold(item: dict) -> str:
-    """A probe row's accepted answers as one "|"-separated string (answer: str or list, plus optional aliases)."""
-    answers = item["answer"] if isinstance(item["answer"], (list, tuple)) else [item["answer"]]
-    return "|".join(str(a) for a in [*answers, *item.get("aliases", [])])
+def split_prompts(pair_rows: list[dict], max_prompts: int) -> list[Any]:
+    """The distinct prompts of the held-out pairs, in order (a record's several pairs share one prompt)."""
+    seen, out = set(), []
+    for r in pair_rows:
+        if r["prompt_json"] not in seen:
+            seen.add(r["prompt_json"])
+            out.append(json.loads(r["prompt_json"]))
+    return out[:max_prompts] if max_prompts and max_prompts > 0 else out
+
+
+def _last_user(messages: list[dict]) -> str:
+    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+    return users[-1] if users else ""
 
 
 def resolve_adapter_dir(path: str) -> str:
-    """An adapter dir (adapter_config.json inside), or a dir holding exactly one such dir (e.g. ``adapter/``)."""
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-        return str(p)
-    for sub in ("adapter", "checkpoint/adapter"):
-        if (p / sub / "adapter_config.json").exists():
-            return str(p / sub)
-    found = sorted(x.parent for x in p.glob("*/adapter_config.json")) if p.is_dir() else []
+    """An adapter dir (adapter_config.json inside), or a dir holding exactly one such dir (e.g. ``adapter/``).
+
+    A local path or a storage URI (s3://...), returned in the same form: whoever loads the adapter takes it
+    through ``pipelines.common.local_copy`` on its own node (an evaluation actor may run on another node)."""
+    import pyarrow.fs as pafs
+
+    from pipelines import common
+
+    path = str(path).rstrip("/")
+    for cand in (path, common.join(path, "adapter"), common.join(path, "checkpoint/adapter")):
+        if common.exists(common.join(cand, "adapter_config.json")):
+            return cand
+    fs, root = common.resolve_fs(path)
+    found = []
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        found = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory
+                 and fs.get_file_info(f"{i.path}/adapter_config.json").type == pafs.FileType.File]
     if len(found) == 1:
-        return str(found[0])
+        return common.join(path, found[0])
     raise FileNotFoundError(f"adapter '{path}': no adapter_config.json in it (or in exactly one subfolder)")
+
+
+def _local_qadapter_json_dir(adapter_dir: str) -> str:
+    """A local directory holding the adapter's qadapter.json (for a URI only that file is downloaded)."""
+    from pipelines import common
+    from qcore.model import QADAPTER_FILE
+
+    if not common.is_uri(adapter_dir):
+        return adapter_dir
+    return os.path.dirname(common.local_copy(common.join(adapter_dir, QADAPTER_FILE)))
 
 
 def adapter_objective(adapter_dir: str) -> str:
     """The training objective recorded in the adapter's qadapter.json (never guessed from a name)."""
     from qcore.model import read_objective
 
-    return read_objective(adapter_dir)
+    return read_objective(_local_qadapter_json_dir(adapter_dir))
 
 
 def saved_q_config(adapter_dir: str):
     """The QConfig saved with an adapter (qadapter.json), whatever shape ``read_qadapter_json`` returns."""
     from qcore.model import read_qadapter_json
 
-    got = read_qadapter_json(adapter_dir)
+    got = read_qadapter_json(_local_qadapter_json_dir(adapter_dir))
     return got[0] if isinstance(got, tuple) else got
 
 
@@ -212,12 +266,33 @@ def response_lengths(new_ids, eos_ids: list[int]):
     return torch.clamp(first + 1, max=n)
 
 
+def policy_logprobs(model, batch: dict, alpha_0: float, alpha_tilde: float, chunk_size: int = 128):
+    """Per row of a collated batch, (sum, count) of log pi_policy(a_t | s_t) over its response tokens.
+
+    pi_policy = softmax((Q + alpha_0 log pi_pre) / alpha_tilde) (qcore.losses.token_stats' logp_custom); with
+    alpha_0 = 0 it is softmax(Q / alpha_tilde) and the adapter-off pass is skipped. One forward per batch."""
+    import torch
+
+    from qcore.losses import loss_mask, token_logprobs, token_stats
+
+    ids = batch["input_ids"].to(model.device)
+    att = batch["attention_mask"].to(model.device)
+    with torch.no_grad():
+        q, base = model.q_and_base_logits(ids, att, need_base=alpha_0 != 0)
+        if base is not None:
+            logp = token_stats(q, base, ids, alpha_0, alpha_tilde, chunk_size).logp_custom
+        else:
+            logp = token_logprobs(q if alpha_tilde == 1 else q.float() / alpha_tilde, ids, chunk_size)
+    mask = loss_mask(batch["response_mask"], "standard").to(logp.device)
+    return (logp.float() * mask).sum(1), mask.sum(1)
+
+
 class PolicyEvaluator:
     """Ray Data callable class: loads the base model + one adapter, reloads only when the adapter changes."""
 
     def __init__(self, base_path: str, dtype: str = "float32", max_new_tokens: int = 64, chunk_size: int = 128,
                  trust_remote_code: bool = False, use_gpu: bool = False, num_threads: int = 0,
-                 kl_mode: str = "generation"):
+                 kl_mode: str = "generation", want_kl: bool = True):
         import torch
         from transformers import AutoTokenizer
 
@@ -231,6 +306,7 @@ class PolicyEvaluator:
         if kl_mode not in ("generation", "forward"):
             raise ValueError(f"kl_mode must be 'generation' or 'forward', got {kl_mode!r}")
         self.kl_mode = kl_mode
+        self.want_kl = want_kl
         self.chunk_size = chunk_size
         self.trust_remote_code = trust_remote_code
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -260,11 +336,13 @@ class PolicyEvaluator:
     def _load(self, adapter: Optional[str]):
         if self.loaded == adapter and self.model is not None:
             return
+        from pipelines.common import is_uri, local_copy
         from qcore.model import QAdapterModel
 
         self.model = None
+        local = local_copy(adapter) if adapter and is_uri(adapter) else adapter  # downloaded on this node, once
         self.model = QAdapterModel.from_pretrained(
-            self.base_path, adapter_path=adapter, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+            self.base_path, adapter_path=local, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
             is_trainable=False).to(self.device).eval()
         self.loaded = adapter
         self.loads += 1
@@ -284,6 +362,17 @@ class PolicyEvaluator:
                 ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
                 mask[i, width - len(s):] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    def pair_scores(self, rows, alpha_0: float, alpha_tilde: float):
+        """Held-out pair rows -> per pair (mean log-prob of chosen, of rejected, #chosen, #rejected tokens)."""
+        from qcore.data import collate_pairs
+
+        batch = collate_pairs(rows, self.tokenizer.pad_token_id)
+        sums, counts = policy_logprobs(self.model, batch, alpha_0, alpha_tilde, self.chunk_size)
+        b = sums.shape[0] // 2
+        means = (sums / counts.clamp_min(1)).tolist()
+        counts = [int(c) for c in counts.tolist()]
+        return means[:b], means[b:], counts[:b], counts[b:]
 
     def generate_and_kl(self, prompts: list[Any], alpha_0: float, alpha_tilde: float, want_kl: bool,
                         max_new_tokens: Optional[int] = None, kl_mode: Optional[str] = None):
@@ -358,74 +447,209 @@ class PolicyEvaluator:
     def __call__(self, batch):
         import pandas as pd
 
-        from qcore import oracle
-
         df = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame(batch)
         out_rows = []
-        # Group rows of one batch by policy and kind (rows are ordered, so usually one group).
-        keys = ["policy_id", "kind"]
-        for (_pid, kind), group in df.groupby(keys, sort=False):
+        # Rows are ordered by policy and kind, so a batch usually holds one group.
+        for (_pid, kind), group in df.groupby(["policy_id", "kind"], sort=False):
             first = group.iloc[0]
             adapter = first["adapter"] if isinstance(first["adapter"], str) and first["adapter"] else None
             self._load(adapter)
             a0, at = float(first["alpha_0"]), float(first["alpha_tilde"])
-            prompts = [json.loads(x) for x in group["prompt_json"]]
             t0 = time.perf_counter()
-            heldout = kind == "heldout"
-            texts, kl_sums, counts = self.generate_and_kl(
-                prompts, a0, at, want_kl=heldout,
-                max_new_tokens=self.max_new_tokens if heldout else min(self.max_new_tokens, PROBE_MAX_NEW_TOKENS))
-            dt = (time.perf_counter() - t0) / max(1, len(prompts))
-            for (_, row), text, kls, cnt, prompt in zip(group.iterrows(), texts, kl_sums, counts, prompts):
-                rec = {k: row[k] for k in ("policy_id", "kind", "idx", "gold")}
-                rec.update(response=text, n_tokens=int(cnt), kl_sum=float(kls), seconds=dt,
-                           score=float("nan"), correct=False)
-                if kind == "heldout":
-                    rec["score"] = float(oracle.score(prompt if isinstance(prompt, str) else _last_user(prompt),
-                                                      text))
-                else:
-                    rec["correct"] = bool(oracle.probe_correct(text, row["gold"]))
-                out_rows.append(rec)
+            nan = float("nan")
+            if kind == "pairs":
+                lc, lr, nc, nr = self.pair_scores(group, a0, at)
+                texts, kls, counts = [""] * len(group), [nan] * len(group), [0] * len(group)
+            else:
+                prompts = [json.loads(x) for x in group["prompt_json"]]
+                texts, kls, counts = self.generate_and_kl(prompts, a0, at, want_kl=self.want_kl)
+                lc, lr, nc, nr = [nan] * len(group), [nan] * len(group), [0] * len(group), [0] * len(group)
+            dt = (time.perf_counter() - t0) / max(1, len(group))
+            for i, (_, row) in enumerate(group.iterrows()):
+                out_rows.append({"policy_id": row["policy_id"], "kind": kind, "idx": int(row["idx"]),
+                                 "response": texts[i], "n_tokens": int(counts[i]), "kl_sum": float(kls[i]),
+                                 "logp_chosen": float(lc[i]), "logp_rejected": float(lr[i]),
+                                 "tokens_chosen": int(nc[i]), "tokens_rejected": int(nr[i]), "seconds": dt})
         return pd.DataFrame(out_rows)
 
 
-def _last_user(messages: list[dict]) -> str:
-    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
-    return users[-1] if users else ""
+# ----------------------------------------------------------------------------------------------------------------
+# Judges of generated answers (one Ray task each: the judge model loads once)
+# ----------------------------------------------------------------------------------------------------------------
+def _reward_scores(model_dir: str, prompts: list[Any], responses: list[str], device: str, batch_size: int,
+                   trust_remote_code: bool) -> list[float]:
+    from qcore.judges import RewardModelJudge
+
+    judge = RewardModelJudge(model_dir, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    return [float(x) for x in judge.score(prompts, responses)]
+
+
+def _llm_compare(criterion: str, model_dir: Optional[str], url: Optional[str], api_model: Optional[str],
+                 api_key_env: str, device: str, prompts: list[Any], answers: dict[str, list[str]],
+                 base_answers: list[str]) -> dict[str, tuple[list[float], float]]:
+    """Per policy id: (P(its answer beats the base's) per prompt, both orders judged; the judge's consistency)."""
+    from qcore.judges import LLMJudge
+
+    judge = LLMJudge(criterion, model_dir=model_dir, url=url, api_model=api_model,
+                     api_key=os.environ.get(api_key_env) if api_key_env else None, device=device)
+    out = {}
+    for pid, theirs in answers.items():
+        got = [float(x) for x in judge.compare(prompts, theirs, base_answers)]
+        out[pid] = (got, float(judge.consistency_rate()))
+    return out
+
+
+def _remote(fn, use_gpu: bool):
+    import ray
+
+    return ray.remote(fn).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Aggregation
+# Statistics per policy
 # ----------------------------------------------------------------------------------------------------------------
-def aggregate(rows: list[dict], policies: list[dict]) -> dict[str, dict]:
-    """Per policy id: pref_score, win_rate (vs the base policy p0), probe_accuracy, kl_to_base and extras."""
+class _Stats:
+    """Writes a policy's numbers with their intervals: m[key] (the value), m["ci"][key] = {low, high, n} and, for a
+    policy that is not the base, m["vs_base"][key] = {diff, low, high, n, within_noise} (paired bootstrap)."""
+
+    def __init__(self, cfg: Config):
+        self.kw = {"n_resamples": cfg.eval.bootstrap_samples, "confidence": cfg.eval.confidence,
+                   "seed": cfg.run.seed}
+
+    def put(self, m: dict, key: str, interval: dict, vs_base: Optional[dict] = None) -> None:
+        m[key] = interval["value"]
+        m.setdefault("ci", {})[key] = {k: interval[k] for k in ("low", "high", "n")}
+        if vs_base is not None:
+            m.setdefault("vs_base", {})[key] = {"diff": vs_base["value"], "low": vs_base["low"],
+                                                "high": vs_base["high"], "n": vs_base["n"],
+                                                "within_noise": vs_base["within_noise"]}
+
+    def mean(self, m: dict, key: str, values: list[float], base_values: Optional[list[float]]) -> None:
+        from qcore import metrics
+
+        diff = metrics.difference_interval(values, base_values, **self.kw) if base_values is not None else None
+        self.put(m, key, metrics.mean_interval(values, **self.kw), diff)
+
+    def win(self, m: dict, key: str, outcomes: Optional[list[float]]) -> None:
+        """A win rate against the base from per-item outcomes in [0, 1]; None = the base itself (0.5 exactly)."""
+        from qcore import metrics
+
+        if outcomes is None:
+            return self.put(m, key, {"value": 0.5, "low": 0.5, "high": 0.5, "n": m.get("n_prompts", 0)})
+        iv = metrics.mean_interval(outcomes, **self.kw)
+        shifted = {"value": iv["value"] - 0.5, "low": iv["low"] - 0.5, "high": iv["high"] - 0.5, "n": iv["n"]}
+        shifted["within_noise"] = bool(shifted["low"] <= 0 <= shifted["high"]) if math.isfinite(iv["low"]) else None
+        self.put(m, key, iv, shifted)
+
+    def ratio(self, m: dict, key: str, num: list[float], den: list[float]) -> None:
+        """sum(num) / sum(den) over items (a per-token mean over prompts), bootstrapped over the items."""
+        from qcore import metrics
+
+        self.put(m, key, metrics.bootstrap(num, den, statistic=lambda a, b: a.sum(-1) / b.sum(-1), **self.kw))
+
+
+def _lm_items(res: dict) -> Optional[list[float]]:
+    """A task's per-item scores, when they are what its value is the mean of (else None: no interval)."""
+    items = res.get("items")
+    if not items:
+        return None
+    items = [float(x) for x in items]
+    value = res.get("value")
+    if value is not None and abs(sum(items) / len(items) - float(value)) > 1e-6:
+        return None
+    return items
+
+
+def lm_eval_metrics(stats: _Stats, m: dict, tasks: dict, base_tasks: dict, is_base: bool, notes: list[str],
+                    name: str) -> None:
+    """m["lm_eval"][task] = {metric, value, low, high, n, retention {value, low, high, n}, vs_base}; m["retention"]
+    = the mean retention over the tasks whose base score is not 0 (stratified, paired bootstrap)."""
     from qcore import metrics
 
-    by_pid: dict[str, dict[str, dict[int, dict]]] = {p["policy_id"]: {"heldout": {}, "probe": {}} for p in policies}
-    for r in rows:
-        by_pid[r["policy_id"]][r["kind"]][int(r["idx"])] = r
-    base = by_pid["p0"]["heldout"]
-    out = {}
+    out, ret_items, ret_base = {}, [], []
+    for task, res in tasks.items():
+        items, base_res = _lm_items(res), base_tasks.get(task, {})
+        base_items = _lm_items(base_res)
+        entry: dict[str, Any] = {"metric": res.get("metric"), "value": res.get("value"), "n": res.get("n")}
+        if items is not None:
+            iv = metrics.mean_interval(items, **stats.kw)
+            entry.update(low=iv["low"], high=iv["high"], n=iv["n"])
+        paired = items is not None and base_items is not None and len(items) == len(base_items)
+        if paired and not is_base:
+            d = metrics.difference_interval(items, base_items, **stats.kw)
+            entry["vs_base"] = {"diff": d["value"], "low": d["low"], "high": d["high"], "n": d["n"],
+                                "within_noise": d["within_noise"]}
+        base_value = base_res.get("value")
+        if paired and sum(base_items) != 0:
+            entry["retention"] = metrics.retention_interval([items], [base_items], **stats.kw)
+            ret_items.append(items)
+            ret_base.append(base_items)
+        elif base_value:
+            entry["retention"] = {"value": float(res.get("value") or 0.0) / float(base_value), "low": float("nan"),
+                                  "high": float("nan"), "n": res.get("n")}
+            notes.append(f"lm-eval {task} ({name}): no paired per-item scores, so its retention has no interval")
+        else:
+            notes.append(f"lm-eval {task}: the base scores 0, so retention is undefined and the task is left out")
+        out[task] = entry
+    m["lm_eval"] = out
+    if ret_items:
+        iv = metrics.retention_interval(ret_items, ret_base, **stats.kw)
+        shifted = None  # against the base's own retention, 1 exactly
+        if not is_base:
+            shifted = {"value": iv["value"] - 1, "low": iv["low"] - 1, "high": iv["high"] - 1, "n": iv["n"],
+                       "within_noise": bool(iv["low"] <= 1 <= iv["high"]) if math.isfinite(iv["low"]) else None}
+        stats.put(m, "retention", iv, shifted)
+
+
+def policy_metrics(cfg: Config, policies: list[dict], pair_rows: dict, gen_rows: dict, scores: dict,
+                   lm: dict, notes: list[str]) -> dict[str, dict]:
+    """Per policy id: every judge's columns, kl_to_base, lm-eval scores and retention, each with its interval."""
+    from qcore import metrics
+
+    stats = _Stats(cfg)
+    judges = cfg.eval.judges
+    out: dict[str, dict] = {}
+    base_pairs = pair_rows.get("p0", [])
+    base_gen = gen_rows.get("p0", [])
     for p in policies:
-        held = by_pid[p["policy_id"]]["heldout"]
-        probe = by_pid[p["policy_id"]]["probe"]
-        idxs = sorted(held)
-        scores = [held[i]["score"] for i in idxs]
-        base_scores = [base[i]["score"] for i in idxs]
-        n_tok = sum(held[i]["n_tokens"] for i in idxs)
-        kl = sum(held[i]["kl_sum"] for i in idxs) / n_tok if n_tok else float("nan")
-        is_base = p["policy_id"] == "p0"
-        out[p["policy_id"]] = {
-            "pref_score": metrics.mean(scores),
-            "win_rate": 0.5 if is_base else metrics.win_rate(scores, base_scores),
-            "probe_accuracy": metrics.accuracy(probe[i]["correct"] for i in sorted(probe)),
-            "kl_to_base": 0.0 if is_base else kl,
-            "pref_score_stderr": metrics.stderr(scores),
-            "kl_to_base_measured": kl,
-            "mean_response_tokens": n_tok / len(idxs) if idxs else float("nan"),
-            "n_prompts": len(idxs),
-            "n_probe": len(probe),
-        }
+        pid = p["policy_id"]
+        is_base = pid == "p0"
+        m: dict[str, Any] = {"ci": {}, "vs_base": {}}
+        pairs = pair_rows.get(pid, [])
+        if "pairs" in judges and pairs:
+            m["n_pairs"] = len(pairs)
+            acc = metrics.pair_outcomes([r["logp_chosen"] for r in pairs], [r["logp_rejected"] for r in pairs])
+            margin = [r["logp_chosen"] - r["logp_rejected"] for r in pairs]
+            base_acc = None if is_base else metrics.pair_outcomes([r["logp_chosen"] for r in base_pairs],
+                                                                  [r["logp_rejected"] for r in base_pairs])
+            base_margin = None if is_base else [r["logp_chosen"] - r["logp_rejected"] for r in base_pairs]
+            stats.mean(m, "pair_accuracy", acc, base_acc)
+            stats.mean(m, "pair_margin", margin, base_margin)
+        gen = gen_rows.get(pid, [])
+        if gen:
+            m["n_prompts"] = len(gen)
+            if "oracle" in scores:
+                s, b = scores["oracle"][pid], scores["oracle"]["p0"]
+                stats.mean(m, "pref_score", s, None if is_base else b)
+                stats.win(m, "win_rate", None if is_base else metrics.win_outcomes(s, b))
+            if "reward_model" in scores:
+                s, b = scores["reward_model"][pid], scores["reward_model"]["p0"]
+                stats.mean(m, "rm_reward", s, None if is_base else b)
+                stats.win(m, "rm_win_rate", None if is_base else metrics.win_outcomes(s, b))
+            if "llm_judge" in scores:
+                stats.win(m, "judge_win_rate", None if is_base else scores["llm_judge"][pid])
+            lengths = [float(r["n_tokens"]) for r in gen]
+            stats.mean(m, "mean_response_tokens", lengths, None if is_base else [float(r["n_tokens"])
+                                                                               for r in base_gen])
+            if cfg.eval.kl:
+                if is_base:  # KL of a policy to itself: 0 by construction (not measured)
+                    stats.put(m, "kl_to_base", {"value": 0.0, "low": 0.0, "high": 0.0, "n": len(gen)})
+                else:
+                    stats.ratio(m, "kl_to_base", [r["kl_sum"] for r in gen], lengths)
+        if lm:
+            lm_eval_metrics(stats, m, lm.get(pid, {}), lm.get("p0", {}), is_base, notes,
+                            p["method"] if p["objective"] != "qadapter" else f"{p['method']}@{p['alpha_0']:g}")
+        out[pid] = m
     return out
 
 
@@ -442,64 +666,149 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------------
+def _work_rows(policies: list[dict], pairs: list[dict], prompts: list[Any]) -> list[dict]:
+    """policy x pair and policy x prompt rows, ordered by policy (an actor reloads only when the adapter changes).
+    Every row has every column (Arrow needs one schema)."""
+    rows = []
+    for pol in policies:
+        cols = {"policy_id": pol["policy_id"], "adapter": pol["adapter"] or "", "alpha_0": pol["alpha_0"],
+                "alpha_tilde": pol["alpha_tilde"]}
+        for i, r in enumerate(pairs):
+            rows.append({**cols, "kind": "pairs", "idx": i, "prompt_json": r["prompt_json"],
+                         **{c: list(r[c]) for c in PAIR_COLUMNS[:4]}})
+        for i, p in enumerate(prompts):
+            rows.append({**cols, "kind": "heldout", "idx": i, "prompt_json": json.dumps(p),
+                         **{c: [] for c in PAIR_COLUMNS[:4]}})
+    return rows
+
+
 def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str], out_dir: str) -> dict[str, Any]:
     """Evaluate base + each adapter (+ the dial) -> the results dict, also written to out_dir/results.json.
 
-    adapters: method name -> adapter dir ("base" is implicit). data_dir: where heldout_prompts.jsonl and
-    probe.jsonl are looked up when cfg.eval.prompts_file / probe_file are unset (see resolve_eval_files)."""
+    adapters: method name -> adapter dir ("base" is implicit). data_dir: the preprocess output (its ``eval/``
+    pair split feeds the pairs judge, and the held-out prompts when eval.prompts_file is unset); may be None."""
     import ray
 
     from pipelines.common import init_ray, write_text
+    from qcore import oracle
 
     t_start = time.perf_counter()
     init_ray(cfg)
-    prompts_path, probe_path = resolve_eval_files(cfg, data_dir)
-    prompts = load_prompts(prompts_path, cfg.eval.max_prompts)
-    probe = load_probe(probe_path, cfg.eval.max_prompts)
-    if not prompts:
-        raise ValueError(f"{prompts_path}: no held-out prompts")
+    judges = list(cfg.eval.judges)
+    notes: list[str] = []
     policies, entries = build_policies(cfg, adapters)
-
-    rows = []
-    for pol in policies:  # ordered by policy: an actor reloads only when the adapter changes
-        for kind, items in (("heldout", [(p, "") for p in prompts]), ("probe", [(q["question"], probe_gold(q))
-                                                                               for q in probe])):
-            for i, (prompt, gold) in enumerate(items):
-                rows.append({"policy_id": pol["policy_id"], "adapter": pol["adapter"] or "",
-                             "alpha_0": pol["alpha_0"], "alpha_tilde": pol["alpha_tilde"], "kind": kind, "idx": i,
-                             "prompt_json": json.dumps(prompt), "gold": gold})
-    num_actors = max(1, cfg.eval.num_actors)
-    use_gpu = bool(cfg.train.use_gpu)
-    try:
-        total_cpus = int(ray.cluster_resources().get("CPU", 1))
-    except Exception:  # noqa: BLE001
-        total_cpus = 1
-    threads = max(1, min(os.cpu_count() or 1, total_cpus) // num_actors)
-    batch_size = max(1, cfg.eval.batch_size)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
-    ds = ds.map_batches(
-        PolicyEvaluator,
-        fn_constructor_kwargs={"base_path": cfg.model.path, "dtype": cfg.model.dtype,
-                               "max_new_tokens": cfg.eval.max_new_tokens, "chunk_size": cfg.q.chunk_size,
-                               "trust_remote_code": cfg.model.trust_remote_code, "use_gpu": use_gpu,
-                               "num_threads": 0 if use_gpu else threads},
-        batch_size=batch_size, batch_format="pandas", concurrency=num_actors,
-        num_cpus=1, num_gpus=1 if use_gpu else 0,
-    )
-    t_gen = time.perf_counter()
-    out_rows = [dict(r) for r in ds.take_all()]
-    gen_seconds = time.perf_counter() - t_gen
-    for r in out_rows:
-        r["idx"] = int(r["idx"])
-        r["n_tokens"] = int(r["n_tokens"])
-        r["correct"] = bool(r["correct"])
-        for k in ("kl_sum", "score", "seconds"):  # Arrow turns pandas' NaN into null
-            r[k] = float("nan") if r[k] is None else float(r[k])
-    if len(out_rows) != len(rows):
-        raise RuntimeError(f"evaluation lost rows: {len(rows)} in, {len(out_rows)} out")
-    per_policy = aggregate(out_rows, policies)
-
     pol_by_id = {p["policy_id"]: p for p in policies}
+
+    split = read_eval_pairs(data_dir)
+    pairs: list[dict] = []
+    if "pairs" in judges:
+        if split is None:
+            notes.append("pairs judge: no held-out pair split (<data_dir>/eval from preprocess; pass --data-dir): "
+                         "no pair columns")
+        elif not split:
+            notes.append(f"pairs judge: the held-out pair split {data_dir}/eval is empty (data.eval_fraction): "
+                         f"no pair columns")
+        else:
+            pairs = split[: cfg.eval.max_pairs] if cfg.eval.max_pairs > 0 else split
+    gen_judges = [j for j in judges if j in GENERATION_JUDGES]
+    prompts: list[Any] = []
+    prompts_source = None
+    if gen_judges:
+        if cfg.eval.prompts_file:
+            prompts_source = resolve_prompts_file(cfg.eval.prompts_file)
+            prompts = load_prompts(prompts_source, cfg.eval.max_prompts)
+        elif split:
+            prompts_source = f"{str(data_dir).rstrip('/')}/eval (the run's eval split)"
+            prompts = split_prompts(split, cfg.eval.max_prompts)
+        if not prompts:
+            notes.append(f"{', '.join(gen_judges)}: no held-out prompts (eval.prompts_file is unset and the run "
+                         f"has no eval split): no answers generated, no {', '.join(gen_judges)} columns")
+            gen_judges = []
+
+    rows = _work_rows(policies, pairs, prompts)
+    num_actors = max(1, cfg.eval.num_actors)
+    batch_size = max(1, cfg.eval.batch_size)
+    use_gpu = bool(cfg.train.use_gpu)
+    out_rows: list[dict] = []
+    gen_seconds = 0.0
+    if rows:
+        try:
+            total_cpus = int(ray.cluster_resources().get("CPU", 1))
+        except Exception:  # noqa: BLE001
+            total_cpus = 1
+        threads = max(1, min(os.cpu_count() or 1, total_cpus) // num_actors)
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
+        ds = ds.map_batches(
+            PolicyEvaluator,
+            fn_constructor_kwargs={"base_path": cfg.model.path, "dtype": cfg.model.dtype,
+                                   "max_new_tokens": cfg.eval.max_new_tokens, "chunk_size": cfg.q.chunk_size,
+                                   "trust_remote_code": cfg.model.trust_remote_code, "use_gpu": use_gpu,
+                                   "num_threads": 0 if use_gpu else threads, "want_kl": cfg.eval.kl},
+            batch_size=batch_size, batch_format="pandas", concurrency=min(num_actors, len(policies)),
+            num_cpus=1, num_gpus=1 if use_gpu else 0,
+        )
+        t_gen = time.perf_counter()
+        out_rows = [dict(r) for r in ds.take_all()]
+        gen_seconds = time.perf_counter() - t_gen
+        if len(out_rows) != len(rows):
+            raise RuntimeError(f"evaluation lost rows: {len(rows)} in, {len(out_rows)} out")
+    pair_rows: dict[str, list[dict]] = {p["policy_id"]: [] for p in policies}
+    gen_rows: dict[str, list[dict]] = {p["policy_id"]: [] for p in policies}
+    for r in sorted(out_rows, key=lambda r: (r["policy_id"], r["kind"], int(r["idx"]))):
+        r["idx"], r["n_tokens"] = int(r["idx"]), int(r["n_tokens"])
+        for k in ("kl_sum", "logp_chosen", "logp_rejected", "seconds"):  # Arrow turns pandas' NaN into null
+            r[k] = float("nan") if r[k] is None else float(r[k])
+        (pair_rows if r["kind"] == "pairs" else gen_rows)[r["policy_id"]].append(r)
+
+    # Judges of the answers: score every policy's answer to prompt i; the win rates pair it with the base's.
+    t_judge = time.perf_counter()
+    scores: dict[str, dict[str, list[float]]] = {}
+    consistency: dict[str, float] = {}
+    pids = [p["policy_id"] for p in policies]
+    device = "cuda" if use_gpu else "cpu"
+    if gen_judges:
+        if "oracle" in gen_judges:
+            scores["oracle"] = {pid: [float(oracle.score(p if isinstance(p, str) else _last_user(p),
+                                                         r["response"])) for p, r in zip(prompts, gen_rows[pid])]
+                                for pid in pids}
+        # The judge models load once, in their own Ray task (a GPU one on a GPU run), both at the same time.
+        rm_ref = llm_ref = None
+        if "reward_model" in gen_judges:
+            rm_ref = _remote(_reward_scores, use_gpu).remote(
+                cfg.eval.reward_model, prompts * len(pids), [r["response"] for pid in pids for r in gen_rows[pid]],
+                device, batch_size, cfg.model.trust_remote_code)
+        if "llm_judge" in gen_judges:
+            llm_ref = _remote(_llm_compare, use_gpu).remote(
+                cfg.eval.judge_criterion, cfg.eval.judge_model, cfg.eval.judge_url, cfg.eval.judge_api_model,
+                cfg.eval.judge_api_key_env, device, prompts,
+                {pid: [r["response"] for r in gen_rows[pid]] for pid in pids[1:]},
+                [r["response"] for r in gen_rows["p0"]])
+        if rm_ref is not None:
+            got = ray.get(rm_ref)
+            scores["reward_model"] = {pid: got[i * len(prompts):(i + 1) * len(prompts)] for i, pid in enumerate(pids)}
+        if llm_ref is not None:
+            got = ray.get(llm_ref)
+            scores["llm_judge"] = {pid: v[0] for pid, v in got.items()}
+            scores["llm_judge"]["p0"] = [0.5] * len(prompts)
+            consistency = {pid: v[1] for pid, v in got.items()}
+    judge_seconds = time.perf_counter() - t_judge
+
+    # Forgetting: lm-evaluation-harness on every policy
+    lm: dict = {}
+    lm_seconds = 0.0
+    if cfg.eval.lm_eval.tasks:
+        from pipelines.forgetting import lm_eval_policies
+
+        t_lm = time.perf_counter()
+        lm = lm_eval_policies(cfg, policies, out_dir)  # it writes <out_dir>/lm_eval/<policy_id>/
+        lm_seconds = time.perf_counter() - t_lm
+    else:
+        notes.append("forgetting: not measured (eval.lm_eval.tasks is empty): no lm-eval or retention columns")
+
+    per_policy = policy_metrics(cfg, policies, pair_rows, gen_rows, scores, lm, notes)
+    notes = list(dict.fromkeys(notes))  # one line per missing setting, however many policies met it
+    for pid, c in consistency.items():  # the share of prompts whose two judged orders agree
+        per_policy[pid]["judge_consistency"] = c
     methods, dial = {}, []
     for e in entries:
         m = dict(per_policy[e["policy_id"]])
@@ -511,40 +820,55 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
             dial.append({"method": e["method"], "name": e["name"], **m})
 
     out_dir = out_dir.rstrip("/")
-    prompt_of = {("heldout", i): p for i, p in enumerate(prompts)}
-    prompt_of.update({("probe", i): q["question"] for i, q in enumerate(probe)})
+    names_of = {pid: [e["name"] for e in entries if e["policy_id"] == pid] for pid in pids}
+    pair_lines = [json.dumps(_json_safe({
+        "policy": names_of[pid], "alpha_0": pol_by_id[pid]["alpha_0"], "alpha_tilde": pol_by_id[pid]["alpha_tilde"],
+        "idx": r["idx"], "logp_chosen": r["logp_chosen"], "logp_rejected": r["logp_rejected"],
+        "tokens_chosen": r["tokens_chosen"], "tokens_rejected": r["tokens_rejected"]}))
+        for pid in pids for r in pair_rows[pid]]
     gen_lines = []
-    for r in sorted(out_rows, key=lambda r: (int(r["policy_id"][1:]), r["kind"], r["idx"])):
-        pol = pol_by_id[r["policy_id"]]
-        names = [e["name"] for e in entries if e["policy_id"] == r["policy_id"]]
-        gen_lines.append(json.dumps(_json_safe({
-            "policy": names, "method": pol["method"], "alpha_0": pol["alpha_0"], "alpha_tilde": pol["alpha_tilde"],
-            "kind": r["kind"], "idx": r["idx"], "prompt": prompt_of[(r["kind"], r["idx"])], "response": r["response"],
-            "score": r["score"] if r["kind"] == "heldout" else None,
-            "gold": r["gold"] if r["kind"] == "probe" else None,
-            "correct": r["correct"] if r["kind"] == "probe" else None,
-            "n_tokens": r["n_tokens"],
-            "kl_mean": (r["kl_sum"] / r["n_tokens"]) if r["kind"] == "heldout" and r["n_tokens"] else None,
-        })))
+    for pid in pids:
+        for i, r in enumerate(gen_rows[pid]):
+            rec = {"policy": names_of[pid], "method": pol_by_id[pid]["method"], "alpha_0": pol_by_id[pid]["alpha_0"],
+                   "alpha_tilde": pol_by_id[pid]["alpha_tilde"], "idx": r["idx"], "prompt": prompts[r["idx"]],
+                   "response": r["response"], "n_tokens": r["n_tokens"],
+                   "kl_mean": (r["kl_sum"] / r["n_tokens"]) if cfg.eval.kl and r["n_tokens"] else None}
+            rec.update({f"score_{j}": scores[j][pid][i] for j in scores})
+            gen_lines.append(json.dumps(_json_safe(rec)))
+    first = judges[0] if judges else None
     results = {
         "methods": methods,
         "dial": dial,
+        "judges": judges,
+        "preference_key": JUDGE_COLUMNS[first][0] if first else None,
+        "capability_key": "retention" if lm else None,
+        "lm_eval_tasks": list(cfg.eval.lm_eval.tasks),
+        "notes": notes,
+        "n_pairs": len(pairs),
         "n_prompts": len(prompts),
-        "n_probe": len(probe),
-        "prompts_file": str(prompts_path),
-        "probe_file": str(probe_path),
+        "pairs_source": f"{str(data_dir).rstrip('/')}/eval" if pairs else None,
+        "prompts_source": prompts_source,
         "max_new_tokens": cfg.eval.max_new_tokens,
-        "probe_max_new_tokens": min(cfg.eval.max_new_tokens, PROBE_MAX_NEW_TOKENS),
+        "confidence": cfg.eval.confidence,
+        "bootstrap_samples": cfg.eval.bootstrap_samples,
         "num_actors": num_actors,
         "batch_size": batch_size,
-        "generation_seconds": gen_seconds,
+        "inference_seconds": gen_seconds,
+        "judge_seconds": judge_seconds,
+        "lm_eval_seconds": lm_seconds,
         "seconds": time.perf_counter() - t_start,
         "results_path": f"{out_dir}/results.json",
-        "generations_path": f"{out_dir}/generations.jsonl",
+        "pair_scores_path": f"{out_dir}/pair_scores.jsonl" if pair_lines else None,
+        "generations_path": f"{out_dir}/generations.jsonl" if gen_lines else None,
     }
     results = _json_safe(results)
-    write_text(f"{out_dir}/generations.jsonl", "\n".join(gen_lines) + "\n")
+    if pair_lines:
+        write_text(f"{out_dir}/pair_scores.jsonl", "\n".join(pair_lines) + "\n")
+    if gen_lines:
+        write_text(f"{out_dir}/generations.jsonl", "\n".join(gen_lines) + "\n")
     write_text(f"{out_dir}/results.json", json.dumps(results, indent=2, sort_keys=True))
+    for n in notes:
+        log.warning("evaluate: %s", n)
     return results
 
 
@@ -556,7 +880,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Evaluate base + adapters (Ray Data batch inference)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="an adapter to evaluate, e.g. qadapter=runs/x/train/qadapter/adapter (repeatable)")
-    parser.add_argument("--data-dir", default=None, help="where heldout_prompts.jsonl / probe.jsonl are")
+    parser.add_argument("--data-dir", default=None,
+                        help="the preprocess output dir (its eval/ pair split: the pairs judge, held-out prompts)")
     parser.add_argument("--out-dir", default=None, help="default: <run dir>/evaluate")
     args, rest = parser.parse_known_args(argv)
     cfg = cli_config("Evaluate stage", rest)
@@ -567,7 +892,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name, path = spec.split("=", 1)
         adapters[name] = path
     out = evaluate_stage(cfg, adapters, args.data_dir, args.out_dir or stage_dir(cfg, "evaluate"))
-    print(json.dumps({"methods": out["methods"], "dial": out["dial"]}, indent=2))
+    print(json.dumps({"methods": out["methods"], "dial": out["dial"], "notes": out["notes"]}, indent=2))
     return out
 
 

@@ -14,9 +14,14 @@
     }
 
 A top-level "methods"/"dial" (an evaluate results dict given directly) is accepted in place of "evaluate".
-Outputs in ``out_dir``: report.json, report.md, and plots/{pref_vs_capability,training_curves,tune_pareto}.png
-(a plot whose inputs are missing is skipped and the reason is written in report.json's "notes").
-The tables show what happened, whatever the ordering of the methods.
+Outputs in ``out_dir``: report.json, report.md, and plots/{pareto,training_curves,tune_pareto}.png (a plot whose
+inputs are missing is skipped and the reason is written in report.json's "notes").
+
+The tables show what happened, whatever the ordering of the methods: each number with its 95% interval
+(bootstrap over items, from the evaluation's "ci"), and each difference against the base (paired bootstrap, its
+"vs_base") marked "within noise" when its interval contains 0. The Pareto plot puts every method at
+(retention, preference): x = capability relative to the base (lm-eval), y = the first judge's preference measure,
+error bars = the intervals, the Q-Adapter's dial settings joined as a curve.
 """
 from __future__ import annotations
 
@@ -39,7 +44,6 @@ from qcore.metrics import pareto_front  # noqa: E402
 
 log = logging.getLogger("qadapter.report")
 
-METRIC_KEYS = ("pref_score", "win_rate", "probe_accuracy", "kl_to_base")
 CURVE_KEYS = ("loss", "rewards/margins", "eval_loss", "rewards/accuracies")
 
 
@@ -145,6 +149,10 @@ def find_tune_csv(tune: Any) -> Optional[Path]:
             if isinstance(v, str) and v.endswith(".csv") and Path(v).is_file():
                 return Path(v)
         return find_tune_csv(tune["out_dir"]) if tune.get("out_dir") else None
+    if "://" in str(tune):  # a storage URI (s3://...): the tune stage names its CSV file itself
+        from pipelines.common import exists
+
+        return str(tune) if str(tune).endswith(".csv") and exists(str(tune)) else None
     p = Path(tune)
     if p.is_file():
         return p
@@ -158,9 +166,12 @@ def find_tune_csv(tune: Any) -> Optional[Path]:
     return None
 
 
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def read_csv(path: Path | str) -> list[dict[str, Any]]:
+    import io
+
+    from pipelines.common import read_text  # a local path or a storage URI
+
+    return list(csv.DictReader(io.StringIO(read_text(str(path)), newline="")))
 
 
 def _col(columns: list[str], *names: str) -> Optional[str]:
@@ -207,35 +218,83 @@ def _plt():
     return plt
 
 
-def plot_pref_vs_capability(methods: dict[str, dict], dial: list[dict], path: Path) -> str:
+# The columns of the tables, in order, and what each measures (a column is shown when some method has it).
+COLUMNS = {
+    "pair_accuracy": "pairs: held-out pairs whose chosen response is likelier than the rejected one (length-"
+                     "normalized log-likelihood under the policy; ties 0.5)",
+    "pair_margin": "pairs: mean (chosen - rejected) per-token log-likelihood",
+    "win_rate": "oracle: win rate of the policy's answer against the base's answer to the same prompt (ties 0.5)",
+    "pref_score": "oracle: mean conciseness-oracle score of the answers",
+    "rm_win_rate": "reward_model: win rate against the base's answer by reward (ties 0.5)",
+    "rm_reward": "reward_model: mean reward of the answers",
+    "judge_win_rate": "llm_judge: P(answer judged better than the base's), both orders judged",
+    "retention": "lm-eval: mean over tasks of (policy score / base score): capability kept",
+    "kl_to_base": "mean per-token KL(policy || base) over the policy's own answers",
+}
+PREFERENCE_KEYS = {"pairs": "pair_accuracy", "oracle": "win_rate", "reward_model": "rm_win_rate",
+                   "llm_judge": "judge_win_rate"}
+
+
+def _ci(m: dict, key: str) -> tuple[float, float]:
+    c = (m.get("ci") or {}).get(key) or {}
+    return _num(c.get("low")), _num(c.get("high"))
+
+
+def preference_key(ev: dict, methods: dict[str, dict]) -> Optional[str]:
+    """The first judge's preference measure that some method has (the evaluation's "preference_key" first)."""
+    cands = [ev.get("preference_key")] + [PREFERENCE_KEYS[j] for j in ev.get("judges") or [] if j in PREFERENCE_KEYS]
+    cands += ["pair_accuracy", "win_rate", "rm_win_rate", "judge_win_rate"]
+    for k in cands:
+        if k and any(_is_num(m.get(k)) for m in methods.values()):
+            return k
+    return None
+
+
+def plot_pareto(methods: dict[str, dict], dial: list[dict], ykey: str, path: Path) -> str:
+    """x = retention (and/or KL to base), y = ykey; each method a point with its interval bars; the dial a curve."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    panels = [("probe_accuracy", "capability probe accuracy (higher = less forgetting)"),
-              ("kl_to_base", "mean per-token KL(policy || base)")]
-    for ax, (xkey, xlabel) in zip(axes, panels):
+    panels = [(k, lbl) for k, lbl in (("retention", "retention: capability relative to the base (lm-eval; 1 = base)"),
+                                      ("kl_to_base", "mean per-token KL(policy || base) (0 = base)"))
+              if any(_is_num(m.get(k)) for m in [*methods.values(), *dial])]
+    if not panels:
+        raise ValueError("no method has retention (eval.lm_eval.tasks) or kl_to_base")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+
+    def bars(m, key):
+        v, (lo, hi) = _num(m.get(key)), _ci(m, key)
+        return [[v - lo if _is_num(lo) else 0.0], [hi - v if _is_num(hi) else 0.0]]
+
+    for ax, (xkey, xlabel) in zip(axes[0], panels):
         for name, m in methods.items():
-            x, y = _num(m.get(xkey)), _num(m.get("win_rate"))
+            x, y = _num(m.get(xkey)), _num(m.get(ykey))
             if math.isnan(x) or math.isnan(y):
                 continue
-            ax.scatter([x], [y], s=60, marker="*" if name == "base" else "o", zorder=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
-        pts = [(_num(d.get(xkey)), _num(d.get("win_rate")), d) for d in dial]
-        pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", color="gray", label="dial", zorder=2)
-            for x, y, d in pts:
+            ax.errorbar([x], [y], xerr=bars(m, xkey), yerr=bars(m, ykey), fmt="*" if name == "base" else "o",
+                        ms=11 if name == "base" else 7, capsize=3, zorder=3, label=name)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        trained = [m for m in methods.values() if m.get("objective") == "qadapter"]
+        pts = [(_num(d.get(xkey)), _num(d.get(ykey)), d) for d in [*dial, *trained[:1]]]
+        pts = sorted((p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))), key=lambda p: p[0])
+        if len(pts) > 1:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="gray", zorder=2, label="Q-Adapter dial")
+        for x, y, d in pts:
+            if d in dial:
+                ax.errorbar([x], [y], xerr=bars(d, xkey), yerr=bars(d, ykey), fmt="x", color="gray", capsize=2,
+                            zorder=2)
                 ax.annotate(f"a0={d.get('alpha_0'):g},at={d.get('alpha_tilde'):g}", (x, y), fontsize=7,
-                            color="gray", textcoords="offset points", xytext=(4, -10))
-            ax.legend(loc="best", fontsize=8)
-        ax.axhline(0.5, color="lightgray", lw=1, zorder=1)
+                            color="gray", textcoords="offset points", xytext=(4, -11))
+        if ykey in ("win_rate", "rm_win_rate", "judge_win_rate"):
+            ax.axhline(0.5, color="lightgray", lw=1, zorder=1)
+        ax.axvline(1.0 if xkey == "retention" else 0.0, color="lightgray", lw=1, zorder=1)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("win rate vs base (oracle; ties 0.5)")
+        ax.set_ylabel(f"{ykey} (higher = more of the new preference)")
         ax.grid(alpha=0.3)
-    fig.suptitle("New preference vs retained capability, per method")
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle("New preference vs retained capability (bars: 95% intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return "x: probe accuracy | KL to base; y: win rate vs base"
+    return f"y: {ykey}; x: " + " | ".join(k for k, _ in panels) + "; bars: 95% bootstrap intervals"
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> str:
@@ -298,50 +357,116 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def methods_table(methods: dict[str, dict]) -> list[str]:
-    lines = ["| method | objective | alpha_0 | alpha_tilde | pref_score | win_rate vs base | probe_accuracy "
-             "| kl_to_base |", "|---|---|---|---|---|---|---|---|"]
+def _cell(m: dict, key: str) -> str:
+    """value [low, high] (the interval when the evaluation has one)."""
+    v = m.get(key)
+    lo, hi = _ci(m, key)
+    if not _is_num(v):
+        return "n/a"
+    return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" if _is_num(lo) and _is_num(hi) else _fmt(v)
+
+
+def _diff_cell(m: dict, key: str) -> str:
+    """diff [low, high] against the base, "within noise" when the interval contains 0."""
+    d = (m.get("vs_base") or {}).get(key)
+    if not d or not _is_num(d.get("diff")):
+        return "n/a"
+    txt = f"{_num(d['diff']):+.3f} [{_num(d.get('low')):+.3f}, {_num(d.get('high')):+.3f}]"
+    return txt + (" within noise" if d.get("within_noise") else "")
+
+
+def columns_of(rows: list[dict], judges: list[str]) -> list[str]:
+    """The table's metric columns: the judges' columns in eval.judges order, then retention and KL."""
+    order = []
+    for j in judges or []:
+        order += [k for k in COLUMNS if k.startswith({"pairs": "pair_", "oracle": "", "reward_model": "rm_",
+                                                      "llm_judge": "judge_"}[j])
+                  and (j != "oracle" or k in ("win_rate", "pref_score"))]
+    order += [k for k in COLUMNS if k not in order]
+    return [k for k in order if any(_is_num(r.get(k)) for r in rows)]
+
+
+def methods_table(methods: dict[str, dict], cols: list[str]) -> list[str]:
+    lines = ["| method | objective | alpha_0 | alpha_tilde | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
     for name, m in methods.items():
         lines.append(f"| {name} | {m.get('objective', 'base' if name == 'base' else 'n/a')} | "
-                     f"{_fmt(m.get('alpha_0'))} | {_fmt(m.get('alpha_tilde'))} | {_fmt(m.get('pref_score'))} | "
-                     f"{_fmt(m.get('win_rate'))} | {_fmt(m.get('probe_accuracy'))} | {_fmt(m.get('kl_to_base'), 4)} |")
+                     f"{_fmt(m.get('alpha_0'))} | {_fmt(m.get('alpha_tilde'))} | "
+                     + " | ".join(_cell(m, k) for k in cols) + " |")
     return lines
 
 
-def dial_table(dial: list[dict]) -> list[str]:
-    lines = ["| method | alpha_0 | alpha_tilde | pref_score | win_rate vs base | probe_accuracy | kl_to_base |",
-             "|---|---|---|---|---|---|---|"]
+def diff_table(rows: list[tuple[str, dict]], cols: list[str]) -> list[str]:
+    cols = [k for k in cols if any((m.get("vs_base") or {}).get(k) for _, m in rows)]
+    if not cols:
+        return []
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, m in rows:
+        lines.append(f"| {name} | " + " | ".join(_diff_cell(m, k) for k in cols) + " |")
+    return lines
+
+
+def dial_table(dial: list[dict], cols: list[str]) -> list[str]:
+    lines = ["| method | alpha_0 | alpha_tilde | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for d in dial:
         lines.append(f"| {d.get('method')} | {_fmt(d.get('alpha_0'))} | {_fmt(d.get('alpha_tilde'))} | "
-                     f"{_fmt(d.get('pref_score'))} | {_fmt(d.get('win_rate'))} | {_fmt(d.get('probe_accuracy'))} | "
-                     f"{_fmt(d.get('kl_to_base'), 4)} |")
+                     + " | ".join(_cell(d, k) for k in cols) + " |")
     return lines
 
 
-def observations(methods: dict[str, dict]) -> list[str]:
-    """Plain statements read off the table (no claim that the data do not support)."""
+def lm_eval_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """One line per (method, task): score [interval], n, difference vs base, retention [interval]."""
+    if not any(m.get("lm_eval") for _, m in rows):
+        return []
+    lines = ["| method | task (metric) | score [95%] | n | vs base [95%] | retention [95%] |",
+             "|---|---|---|---|---|---|"]
+    for name, m in rows:
+        for task, t in (m.get("lm_eval") or {}).items():
+            score = _fmt(t.get("value"))
+            if _is_num(t.get("low")):
+                score += f" [{_fmt(t.get('low'))}, {_fmt(t.get('high'))}]"
+            d = t.get("vs_base")
+            diff = "n/a" if not d else (f"{_num(d['diff']):+.3f} [{_num(d.get('low')):+.3f}, "
+                                        f"{_num(d.get('high')):+.3f}]" + (" within noise" if d.get("within_noise")
+                                                                          else ""))
+            r = t.get("retention") or {}
+            ret = _fmt(r.get("value")) + (f" [{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]"
+                                          if _is_num(r.get("low")) else "")
+            lines.append(f"| {name} | {task} ({t.get('metric')}) | {score} | {t.get('n', 'n/a')} | {diff} | {ret} |")
+    return lines
+
+
+def observations(methods: dict[str, dict], pref: Optional[str]) -> list[str]:
+    """Plain statements read off the table and its intervals (no claim that the data do not support)."""
     out = []
     others = {n: m for n, m in methods.items() if n != "base"}
     if not others:
         return ["Only the base model was evaluated."]
-    best_pref = max(others, key=lambda n: _num(others[n].get("win_rate")) if _is_num(others[n].get("win_rate"))
-                    else -1)
-    out.append(f"Highest win rate vs base: {best_pref} ({_fmt(others[best_pref].get('win_rate'))}).")
-    base_acc = _num(methods["base"].get("probe_accuracy"))
-    accs = {n: _num(m.get("probe_accuracy")) for n, m in others.items() if _is_num(m.get("probe_accuracy"))}
-    if accs and not math.isnan(base_acc):
-        best_cap = max(accs, key=accs.get)
-        out.append(f"Probe accuracy: base {_fmt(base_acc)}; best adapter {best_cap} ({_fmt(accs[best_cap])}); "
-                   f"change vs base per method: " + ", ".join(f"{n} {accs[n] - base_acc:+.3f}" for n in accs) + ".")
-    below = [n for n, m in others.items() if _is_num(m.get("win_rate")) and _num(m["win_rate"]) < 0.5]
-    if below:
-        out.append("At or below the base on the preference (win rate < 0.5): " + ", ".join(below) + ".")
-    if "qadapter" in others:
-        q = others["qadapter"]
-        ranks = sorted(others, key=lambda n: -_num(others[n].get("win_rate")) if _is_num(others[n].get("win_rate"))
-                       else 1e9)
-        out.append(f"Q-Adapter ranks {ranks.index('qadapter') + 1} of {len(ranks)} adapters by win rate, "
-                   f"with KL to base {_fmt(q.get('kl_to_base'), 4)}.")
+
+    def verdict(n, key):
+        d = (others[n].get("vs_base") or {}).get(key)
+        if not d or not _is_num(d.get("diff")):
+            return None
+        return "within noise" if d.get("within_noise") else ("above the base" if d["diff"] > 0 else "below the base")
+
+    if pref:
+        ranked = sorted((n for n in others if _is_num(others[n].get(pref))), key=lambda n: -_num(others[n][pref]))
+        if ranked:
+            out.append(f"Highest {pref}: {ranked[0]} ({_cell(others[ranked[0]], pref)}; base "
+                       f"{_cell(methods['base'], pref)}).")
+        for kind in ("above the base", "below the base", "within noise"):
+            names = [n for n in ranked if verdict(n, pref) == kind]
+            if names:
+                out.append(f"{pref} {kind}" + (" (the interval of the difference contains 0)" if kind == "within noise"
+                                               else " (outside the noise)") + ": " + ", ".join(names) + ".")
+    if any(_is_num(m.get("retention")) for m in others.values()):
+        lost = [n for n in others if verdict(n, "retention") == "below the base"]
+        kept = [n for n in others if verdict(n, "retention") == "within noise"]
+        out.append("Retention (lm-eval, base = 1): " + ", ".join(f"{n} {_fmt(others[n].get('retention'))}"
+                                                                  for n in others if _is_num(others[n].get('retention')))
+                   + ". " + (f"Forgetting outside the noise: {', '.join(lost)}. " if lost else
+                             "No forgetting outside the noise. ")
+                   + (f"Within noise of the base: {', '.join(kept)}." if kept else ""))
     return out
 
 
@@ -373,22 +498,24 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
     t0 = time.perf_counter()
     ev = load_evaluation(results)
     methods = {name: dict(m) for name, m in ev["methods"].items()}
-    methods["base"]["win_rate"] = 0.5  # by definition (paired against itself)
-    methods["base"]["kl_to_base"] = 0.0
-    for name, m in methods.items():
-        for k in METRIC_KEYS:
-            m.setdefault(k, None)
     dial = list(ev.get("dial") or [])
+    judges = list(ev.get("judges") or [])
     local_out = Path(out_dir) if "://" not in out_dir else Path(_tmpdir())
     plots_dir = local_out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
+    notes: list[str] = [f"evaluation: {n}" for n in ev.get("notes") or []]
     plots: dict[str, Optional[str]] = {}
     plot_desc: dict[str, str] = {}
 
-    p = plots_dir / "pref_vs_capability.png"
-    plot_desc["pref_vs_capability"] = plot_pref_vs_capability(methods, dial, p)
-    plots["pref_vs_capability"] = "plots/pref_vs_capability.png"
+    pref = preference_key(ev, {**methods, **{f"dial{i}": d for i, d in enumerate(dial)}})
+    try:
+        if pref is None:
+            raise ValueError("no preference measure in the evaluation (eval.judges)")
+        plot_desc["pareto"] = plot_pareto(methods, dial, pref, plots_dir / "pareto.png")
+        plots["pareto"] = "plots/pareto.png"
+    except ValueError as err:
+        notes.append(f"Pareto plot not drawn: {err}")
+        plots["pareto"] = None
 
     histories, training = {}, {}
     for name, src in _history_sources(results).items():
@@ -430,35 +557,53 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
     stage_seconds = {k: float(v) for k, v in (results.get("stage_seconds") or _stage_seconds(results)).items()}
     total = results.get("total_seconds")
     total = float(total) if total is not None else sum(stage_seconds.values())
-
+    eval_keys = ("judges", "preference_key", "capability_key", "lm_eval_tasks", "n_pairs", "n_prompts",
+                 "pairs_source", "prompts_source", "max_new_tokens", "confidence", "bootstrap_samples",
+                 "inference_seconds", "judge_seconds", "lm_eval_seconds")
     report = {
         "run": cfg.run.name,
         "model": cfg.model.path,
         "methods": methods,
         "dial": dial,
+        "preference_key": pref,
         "training": training,
         "tune": tune_info,
         "stage_seconds": stage_seconds,
         "total_seconds": total,
         "plots": plots,
         "plot_descriptions": plot_desc,
-        "observations": observations(methods),
+        "observations": observations(methods, pref),
         "notes": notes,
-        "eval": {k: ev.get(k) for k in ("n_prompts", "n_probe", "max_new_tokens", "prompts_file", "probe_file")
-                 if k in ev},
+        "eval": {k: ev.get(k) for k in eval_keys if k in ev},
     }
     report = _json_safe(report)
 
+    conf = ev.get("confidence") or 0.95
+    all_rows = [*methods.values(), *dial]
+    cols = columns_of(all_rows, judges)
+    sizes = [f"{ev[k]} {what}" for k, what in (("n_pairs", "held-out pairs"), ("n_prompts", "held-out prompts"))
+             if ev.get(k)]
     md = [f"# Q-Adapter run report: {cfg.run.name}", "",
-          f"Base model: `{cfg.model.path}`. Held-out prompts: {ev.get('n_prompts', 'n/a')}; probe questions: "
-          f"{ev.get('n_probe', 'n/a')}; greedy decoding, at most {ev.get('max_new_tokens', 'n/a')} new tokens.", "",
-          "## Methods", "",
-          "pref_score: mean preference-oracle score of the answers; win_rate: paired against the base's answers "
-          "(ties 0.5); probe_accuracy: capability probe (forgetting); kl_to_base: mean per-token "
-          "KL(policy || base) over the policy's own answers.", "", *methods_table(methods), ""]
-    md += ["Observations (read off the table):", ""] + [f"- {o}" for o in report["observations"]] + [""]
+          f"Base model: `{cfg.model.path}`. Preference judges: {', '.join(judges) or 'n/a'}"
+          + (f" ({'; '.join(sizes)})" if sizes else "") + ". Forgetting: "
+          + (f"lm-eval {', '.join(ev.get('lm_eval_tasks') or [])}" if ev.get("lm_eval_tasks") else "not measured")
+          + f". Intervals: {conf:.0%} percentile bootstrap over items ({ev.get('bootstrap_samples', 'n/a')} "
+          f"resamples); differences against the base: paired bootstrap, \"within noise\" when the interval "
+          f"contains 0.", "",
+          "## Methods", "", *[f"- `{k}`: {COLUMNS[k]}" for k in cols], "", *methods_table(methods, cols), ""]
+    named = [(n, m) for n, m in methods.items() if n != "base"] + [(d.get("name", d.get("method")), d) for d in dial]
+    diffs = diff_table(named, cols)
+    if diffs:
+        md += ["### Difference against the base (paired bootstrap)", "", *diffs, ""]
+    md += ["Observations (read off the tables and their intervals):", ""]
+    md += [f"- {o}" for o in report["observations"]] + [""]
     if dial:
-        md += ["## Dial (one Q-Adapter at several inference settings, no retraining)", "", *dial_table(dial), ""]
+        md += ["## Dial (one Q-Adapter at several inference settings, no retraining)", "", *dial_table(dial, cols),
+               ""]
+    lm_rows = lm_eval_table([*methods.items(), *[(d.get("name", d.get("method")), d) for d in dial]])
+    if lm_rows:
+        md += ["## Forgetting (lm-evaluation-harness)", "", "retention = policy score / base score on the same "
+               "items (paired bootstrap); the Pareto plot's x is its mean over tasks.", "", *lm_rows, ""]
     if training:
         keys = [k for k in ("step",) + CURVE_KEYS if any(k in t for t in training.values())]
         md += ["## Training (last reported values)", "", "| method | " + " | ".join(keys) + " |",

@@ -3,15 +3,19 @@
 - ``token_kl``/``kl_sum_and_count``/``mean_token_kl``: per-token KL(pi_custom || pi_base) from two logit tensors,
   in float32, chunked over the sequence so peak memory is ``B * chunk * V`` rather than ``B * T * V``.
 - ``token_logprobs``: log pi(a_t | s_t) of given tokens from logits (float32, chunked): lm-eval loglikelihoods.
-- ``win_rate``: paired comparison of oracle scores against the base's (ties count 0.5).
+- ``win_outcomes``/``win_rate``: paired comparison of scores against the base's (ties count 0.5).
+- ``pair_outcomes``: preference accuracy per held-out pair (chosen above rejected: 1, tie 0.5, else 0).
 - ``mean``/``stderr``/``accuracy``: plain aggregates (an empty input gives NaN, never an exception).
+- ``bootstrap``/``mean_interval``/``difference_interval``/``retention_interval``: percentile bootstrap intervals
+  over items (paired columns resampled with the same indices), seeded: the same inputs give the same interval.
 - ``pareto_front``: the non-dominated points of a 2-D trade-off (the report's plots).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,22 +79,24 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
     return out
 
 
+def win_outcomes(scores: Sequence[float], base_scores: Sequence[float], tie_tol: float = 0.0) -> list[float]:
+    """Per paired item: 1.0 where the score beats the base's, 0.5 on a tie (``|a - b| <= tie_tol``), else 0.0."""
+    if len(scores) != len(base_scores):
+        raise ValueError(f"win_rate needs paired scores: {len(scores)} vs {len(base_scores)}")
+    return [0.5 if abs(a - b) <= tie_tol else 1.0 if a > b else 0.0 for a, b in zip(scores, base_scores)]
+
+
 def win_rate(scores: Sequence[float], base_scores: Sequence[float], tie_tol: float = 0.0) -> float:
-    """Fraction of paired prompts where the method's oracle score beats the base's; a tie counts 0.5.
+    """Fraction of paired prompts where the method's score beats the base's; a tie counts 0.5.
 
     ``|a - b| <= tie_tol`` is a tie. The base compared with itself is exactly 0.5. NaN when empty.
     """
-    if len(scores) != len(base_scores):
-        raise ValueError(f"win_rate needs paired scores: {len(scores)} vs {len(base_scores)}")
-    if not scores:
-        return float("nan")
-    total = 0.0
-    for a, b in zip(scores, base_scores):
-        if abs(a - b) <= tie_tol:
-            total += 0.5
-        elif a > b:
-            total += 1.0
-    return total / len(scores)
+    return mean(win_outcomes(scores, base_scores, tie_tol))
+
+
+def pair_outcomes(logp_chosen: Sequence[float], logp_rejected: Sequence[float]) -> list[float]:
+    """Preference accuracy per pair: 1.0 where the chosen response scores above the rejected one, 0.5 on a tie."""
+    return win_outcomes(logp_chosen, logp_rejected)
 
 
 def mean(values: Iterable[float]) -> float:
@@ -113,6 +119,145 @@ def accuracy(correct: Iterable[bool]) -> float:
     """Fraction of True (probe accuracy); NaN when empty."""
     flags = [bool(c) for c in correct]
     return sum(flags) / len(flags) if flags else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals
+# ----------------------------------------------------------------------------------------------------------------
+_BLOCK = 1 << 21  # resampled values held at once (R x n is drawn in blocks of resamples): bounded memory
+
+
+def _resample_blocks(rng: np.random.Generator, n: int, n_resamples: int):
+    """Index arrays [r, n] (uniform with replacement) covering n_resamples resamples, block by block."""
+    per = max(1, _BLOCK // max(1, n))
+    done = 0
+    while done < n_resamples:
+        r = min(per, n_resamples - done)
+        yield rng.integers(0, n, size=(r, n))
+        done += r
+
+
+def _interval(value: float, dist: np.ndarray, n: int, confidence: float) -> dict:
+    """{"value", "low", "high", "n"}: the percentile interval of the finite bootstrap draws around ``value``."""
+    dist = dist[np.isfinite(dist)]
+    if not math.isfinite(value) or dist.size == 0:
+        return {"value": float(value), "low": float("nan"), "high": float("nan"), "n": n}
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(dist, [tail, 1.0 - tail])
+    return {"value": float(value), "low": float(low), "high": float(high), "n": n}
+
+
+def _check_confidence(confidence: float, n_resamples: int) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+
+
+def _mean_stat(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=-1)
+
+
+def bootstrap(*columns: Sequence[float], statistic: Optional[Callable[..., np.ndarray]] = None,
+              n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+              return_distribution: bool = False) -> dict:
+    """Percentile bootstrap over items of any statistic of one or more paired columns.
+
+    ``columns``: k sequences of the same length n (item i of each column belongs together: every resample draws
+    the same item indices for all of them - the paired bootstrap). ``statistic(*arrays)`` maps k arrays of shape
+    ``[R, n]`` to ``[R]``; default: the mean of the single column. Returns ``{"value": statistic of the data,
+    "low", "high": the (1 - confidence)/2 and (1 + confidence)/2 quantiles of the R resampled statistics, "n"}``
+    (+ ``"distribution"`` [R] with ``return_distribution``). Non-finite draws (e.g. a ratio whose denominator
+    resampled to 0) are left out of the quantiles. No items: value, low, high NaN and n 0. Deterministic: a numpy
+    Generator seeded with ``seed``."""
+    _check_confidence(confidence, n_resamples)
+    if not columns:
+        raise ValueError("bootstrap needs at least one column")
+    cols = [np.asarray(c, dtype=np.float64).reshape(-1) for c in columns]
+    n = cols[0].size
+    if any(c.size != n for c in cols):
+        raise ValueError(f"bootstrap needs paired columns of one length, got {[c.size for c in cols]}")
+    if statistic is None:
+        if len(cols) != 1:
+            raise ValueError("the default statistic (the mean) takes one column; pass statistic= for more")
+        statistic = _mean_stat
+    if n == 0:
+        out = {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+        if return_distribution:
+            out["distribution"] = np.full(0, np.nan)
+        return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = float(np.asarray(statistic(*[c[None, :] for c in cols])).reshape(-1)[0])
+        rng = np.random.default_rng(seed)
+        dist = np.concatenate([np.asarray(statistic(*[c[idx] for c in cols]), dtype=np.float64).reshape(-1)
+                               for idx in _resample_blocks(rng, n, n_resamples)])
+    out = _interval(value, dist, n, confidence)
+    if return_distribution:
+        out["distribution"] = dist
+    return out
+
+
+def mean_interval(values: Sequence[float], n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """The mean of ``values`` with its percentile-bootstrap interval: {"value", "low", "high", "n"}."""
+    return bootstrap(values, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
+
+def difference_interval(values: Sequence[float], base_values: Sequence[float], paired: bool = True,
+                        n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """mean(values) - mean(base_values) with its interval, and ``within_noise`` (the interval contains 0).
+
+    ``paired`` (the default, for a policy against the base on the same items): both are resampled with the same
+    item indices, so what the two share (an item's difficulty) cancels. ``paired=False`` resamples each side on
+    its own (independent samples; the sizes may differ)."""
+    if paired:
+        out = bootstrap(values, base_values, statistic=lambda a, b: (a - b).mean(-1),
+                        n_resamples=n_resamples, confidence=confidence, seed=seed)
+    else:
+        _check_confidence(confidence, n_resamples)
+        a = np.asarray(values, dtype=np.float64).reshape(-1)
+        b = np.asarray(base_values, dtype=np.float64).reshape(-1)
+        if a.size == 0 or b.size == 0:
+            out = {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": int(min(a.size, b.size))}
+        else:
+            rng = np.random.default_rng(seed)
+            da = np.concatenate([a[i].mean(-1) for i in _resample_blocks(rng, a.size, n_resamples)])
+            db = np.concatenate([b[i].mean(-1) for i in _resample_blocks(rng, b.size, n_resamples)])
+            out = _interval(float(a.mean() - b.mean()), da - db, int(min(a.size, b.size)), confidence)
+    out["within_noise"] = bool(out["low"] <= 0 <= out["high"]) if math.isfinite(out["low"]) else None
+    return out
+
+
+def retention_interval(items: Sequence[Sequence[float]], base_items: Sequence[Sequence[float]],
+                       n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Capability retained: the mean over tasks of mean(policy items) / mean(base items), with its interval.
+
+    ``items[t]`` and ``base_items[t]``: the per-item scores of task t for the policy and the base, on the same items
+    in the same order. Stratified, paired bootstrap: each task's items are resampled within the task, with the same
+    indices for the policy and the base. A task whose base mean is 0 makes the value NaN."""
+    _check_confidence(confidence, n_resamples)
+    if len(items) != len(base_items):
+        raise ValueError(f"retention needs the same tasks for the policy and the base: {len(items)} vs "
+                         f"{len(base_items)}")
+    tasks = []
+    for t, (a, b) in enumerate(zip(items, base_items)):
+        a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+        if a.size != b.size:
+            raise ValueError(f"retention: task {t} has {a.size} policy items but {b.size} base items (paired)")
+        if a.size == 0:
+            raise ValueError(f"retention: task {t} has no items")
+        tasks.append((a, b))
+    n = int(sum(a.size for a, _ in tasks))
+    if not tasks:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    rng = np.random.default_rng(seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = float(np.mean([a.mean() / b.mean() for a, b in tasks]))
+        dist = np.zeros(n_resamples)
+        for a, b in tasks:  # one task after the other: each its own block of index draws
+            ratios = [a[i].mean(-1) / b[i].mean(-1) for i in _resample_blocks(rng, a.size, n_resamples)]
+            dist += np.concatenate(ratios)
+        dist /= len(tasks)
+    return _interval(value, dist, n, confidence)
 
 
 def pareto_front(points: Sequence[tuple[float, float]], maximize: tuple[bool, bool] = (True, True)) -> list[int]:

@@ -113,3 +113,91 @@ def test_pareto_front():
     assert set(front) == {0, 1, 2, 5}  # (0.4, 0.4) is dominated; NaN never counts; equal points both stay
     # minimize the second axis: (x large, y small) is best
     assert metrics.pareto_front([(1, 1), (2, 0), (0, 0)], maximize=(True, False)) == [1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals
+# ---------------------------------------------------------------------------------------------------------------
+def test_outcomes():
+    assert metrics.win_outcomes([1.0, 2.0, 3.0], [0.0, 2.0, 4.0]) == [1.0, 0.5, 0.0]
+    assert metrics.pair_outcomes([-1.0, -2.0, -3.0], [-2.0, -2.0, -1.0]) == [1.0, 0.5, 0.0]
+
+
+def test_bootstrap_constant_data_has_zero_width():
+    iv = metrics.mean_interval([0.25] * 7, n_resamples=200, seed=3)
+    assert iv == {"value": 0.25, "low": 0.25, "high": 0.25, "n": 7}
+    d = metrics.difference_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], n_resamples=200)
+    assert (d["value"], d["low"], d["high"], d["within_noise"]) == (1.0, 1.0, 1.0, False)  # a constant shift
+    empty = metrics.mean_interval([])
+    assert empty["n"] == 0 and math.isnan(empty["value"]) and math.isnan(empty["low"])
+
+
+def test_bootstrap_matches_exact_enumeration():
+    """n = 4 items: all 4^4 = 256 resamples enumerated in float64; the Monte Carlo bootstrap's distribution of the
+    mean matches their mean and standard deviation, and its percentile interval lands on the exact quantiles."""
+    import itertools
+
+    values = [0.0, 1.0, 2.0, 7.0]
+    exact = sorted(sum(values[i] for i in idx) / 4 for idx in itertools.product(range(4), repeat=4))
+    e_mean = sum(exact) / len(exact)
+    e_std = math.sqrt(sum((x - e_mean) ** 2 for x in exact) / len(exact))
+    assert e_mean == pytest.approx(2.5)  # the mean of the bootstrap means is the sample mean
+    assert e_std == pytest.approx(math.sqrt(sum((v - 2.5) ** 2 for v in values) / 4 / 4))  # pop. var / n
+
+    def exact_quantile(q):  # the smallest atom whose CDF reaches q; check that the CDF clears q by a margin
+        for k, x in enumerate(exact):
+            if (k + 1) / len(exact) >= q:
+                below = sum(1 for y in exact if y < x) / len(exact)
+                upto = sum(1 for y in exact if y <= x) / len(exact)
+                assert below < q - 0.005 and upto > q + 0.005, (q, x, below, upto)
+                return x
+
+    r = 40000
+    iv = metrics.bootstrap(values, n_resamples=r, seed=11, return_distribution=True)
+    dist = iv["distribution"]
+    assert dist.shape == (r,) and iv["value"] == 2.5 and iv["n"] == 4
+    # Monte Carlo error of the mean: e_std / sqrt(r) = 0.0094; of the std: about e_std / sqrt(2 r) = 0.0067
+    assert float(dist.mean()) == pytest.approx(e_mean, abs=4 * e_std / math.sqrt(r))
+    assert float(dist.std()) == pytest.approx(e_std, abs=4 * e_std / math.sqrt(2 * r))
+    assert iv["low"] == exact_quantile(0.025) and iv["high"] == exact_quantile(0.975)
+
+
+def test_bootstrap_is_seeded():
+    vals = [0.1, 0.9, 0.4, 0.3, 0.8, 0.2]
+    a = metrics.mean_interval(vals, n_resamples=500, seed=5)
+    assert a == metrics.mean_interval(vals, n_resamples=500, seed=5)
+    assert a != metrics.mean_interval(vals, n_resamples=500, seed=6)
+    assert a["low"] < a["value"] < a["high"]
+    with pytest.raises(ValueError):
+        metrics.bootstrap([1.0, 2.0], [1.0])  # paired columns must have one length
+    with pytest.raises(ValueError):
+        metrics.mean_interval(vals, confidence=1.0)
+
+
+def test_paired_difference_is_narrower_on_correlated_data():
+    """Item difficulty shared by both sides cancels in the paired bootstrap, not in the unpaired one."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 1.0, 200)
+    base = difficulty + rng.normal(0, 0.1, 200)
+    policy = difficulty + 0.05 + rng.normal(0, 0.1, 200)
+    paired = metrics.difference_interval(policy, base, n_resamples=2000, seed=1)
+    unpaired = metrics.difference_interval(policy, base, paired=False, n_resamples=2000, seed=1)
+    assert paired["value"] == pytest.approx(unpaired["value"]) == pytest.approx(float(np.mean(policy - base)))
+    w_p, w_u = paired["high"] - paired["low"], unpaired["high"] - unpaired["low"]
+    assert w_p < 0.2 * w_u  # sd of a difference 0.14 vs 1.4 per item
+    assert paired["within_noise"] is False and unpaired["within_noise"] is True
+
+
+def test_retention_interval():
+    pol, base = [1.0, 1.0, 0.0, 0.0, 1.0], [1.0] * 5
+    r = metrics.retention_interval([pol], [base], n_resamples=300, seed=2)
+    # the base is 1 on every item: each resampled ratio is the resampled policy mean, with the same indices
+    assert r == metrics.mean_interval(pol, n_resamples=300, seed=2)
+    two = metrics.retention_interval([[1.0, 0.0], [0.5, 0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0, 1.0]], n_resamples=50)
+    assert two["value"] == pytest.approx((0.5 + 0.5) / 2) and two["n"] == 5
+    same = metrics.retention_interval([[0.2, 0.6, 0.9]], [[0.2, 0.6, 0.9]], n_resamples=50)
+    assert (same["value"], same["low"], same["high"]) == (1.0, 1.0, 1.0)  # the base retains all of itself
+    with pytest.raises(ValueError, match="paired"):
+        metrics.retention_interval([[1.0]], [[1.0, 0.0]])

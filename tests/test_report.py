@@ -10,25 +10,46 @@ from qcore.config import load_config
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _m(pref, win, acc, kl, **extra):
-    return {"pref_score": pref, "win_rate": win, "probe_accuracy": acc, "kl_to_base": kl, **extra}
+def _m(acc, acc_ci, win, retention, kl, vs=None, **extra):
+    """A method's evaluation entry as evaluate_stage writes it: values, "ci" {low, high, n}, "vs_base"."""
+    m = {"pair_accuracy": acc, "win_rate": win, "retention": retention, "kl_to_base": kl, **extra,
+         "ci": {"pair_accuracy": {"low": acc_ci[0], "high": acc_ci[1], "n": 10},
+                "win_rate": {"low": win - 0.1, "high": win + 0.1, "n": 8} if win is not None else {},
+                "retention": {"low": retention - 0.05, "high": retention + 0.05, "n": 40}
+                if retention is not None else {}},
+         "vs_base": vs or {}}
+    return m
+
+
+def _d(diff, low, high):
+    return {"diff": diff, "low": low, "high": high, "n": 10, "within_noise": low <= 0 <= high}
 
 
 @pytest.fixture
 def inputs(tmp_path):
+    lm_q = {"probe_gen": {"metric": "answer_match", "value": 0.6, "low": 0.5, "high": 0.7, "n": 40,
+                          "vs_base": _d(-0.02, -0.08, 0.04), "retention": {"value": 0.97, "low": 0.9, "high": 1.04}}}
     evaluation = {
         "methods": {
-            "base": _m(0.1, 0.5, 0.8, 0.0, objective="base", alpha_0=0.0, alpha_tilde=1.0),
-            "qadapter": _m(0.4, 0.7, 0.75, 0.02, objective="qadapter", alpha_0=0.01, alpha_tilde=1.0),
-            "dpo": _m(0.5, 0.8, 0.5, 0.3, objective="dpo"),
-            "sft": _m(0.0, 0.3, 0.6, 0.1, objective="sft"),  # worse than base on the preference: shown as is
-            "replay": _m(None, None, None, None, objective="replay"),  # a failed evaluation: n/a, not a crash
+            "base": _m(0.5, (0.3, 0.7), 0.5, 1.0, 0.0, objective="base", alpha_0=0.0, alpha_tilde=1.0),
+            "qadapter": _m(0.7, (0.5, 0.9), 0.7, 0.97, 0.02, objective="qadapter", alpha_0=0.01, alpha_tilde=1.0,
+                           vs={"pair_accuracy": _d(0.2, 0.05, 0.35), "retention": _d(-0.03, -0.1, 0.04)},
+                           lm_eval=lm_q),
+            "dpo": _m(0.8, (0.6, 1.0), 0.8, 0.6, 0.3, objective="dpo",
+                      vs={"pair_accuracy": _d(0.3, 0.1, 0.5), "retention": _d(-0.4, -0.5, -0.3)}),
+            "sft": _m(0.4, (0.2, 0.6), 0.3, 0.9, 0.1, objective="sft",  # worse than base: shown as is
+                      vs={"pair_accuracy": _d(-0.1, -0.3, 0.1)}),
+            "replay": {"objective": "replay", "pair_accuracy": None, "win_rate": None},  # failed: n/a, no crash
         },
         "dial": [
-            {"method": "qadapter", **_m(0.2, 0.6, 0.8, 0.01), "alpha_0": 0.1, "alpha_tilde": 1.0},
-            {"method": "qadapter", **_m(0.45, 0.75, 0.7, 0.05), "alpha_0": 0.001, "alpha_tilde": 0.5},
+            {"method": "qadapter", "name": "qadapter@a0=0.1,at=1", **_m(0.6, (0.4, 0.8), 0.6, 1.0, 0.01),
+             "alpha_0": 0.1, "alpha_tilde": 1.0},
+            {"method": "qadapter", "name": "qadapter@a0=0.001,at=0.5", **_m(0.75, (0.55, 0.95), 0.75, 0.8, 0.05),
+             "alpha_0": 0.001, "alpha_tilde": 0.5},
         ],
-        "n_prompts": 8, "n_probe": 4, "max_new_tokens": 16,
+        "judges": ["pairs", "oracle"], "preference_key": "pair_accuracy", "lm_eval_tasks": ["probe_gen"],
+        "n_pairs": 10, "n_prompts": 8, "max_new_tokens": 16, "confidence": 0.95, "bootstrap_samples": 1000,
+        "notes": ["reward_model: something missing"],
     }
     hist = {}
     for name in ("qadapter", "dpo"):
@@ -57,40 +78,58 @@ def test_report_schema_table_and_plots(tmp_path, inputs):
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(rep))
     assert set(on_disk["methods"]) == {"base", "qadapter", "dpo", "sft", "replay"}
-    for name, m in on_disk["methods"].items():
-        assert {"pref_score", "win_rate", "probe_accuracy", "kl_to_base"} <= set(m), name
-    assert on_disk["methods"]["base"]["win_rate"] == 0.5 and on_disk["methods"]["base"]["kl_to_base"] == 0.0
-    assert on_disk["methods"]["sft"]["win_rate"] == 0.3  # the table shows what happened
+    assert on_disk["methods"]["qadapter"]["ci"]["pair_accuracy"] == {"low": 0.5, "high": 0.9, "n": 10}  # kept
+    assert on_disk["methods"]["sft"]["pair_accuracy"] == 0.4  # the table shows what happened
+    assert on_disk["preference_key"] == "pair_accuracy" and on_disk["eval"]["n_pairs"] == 10
     assert on_disk["stage_seconds"]["evaluate"] == 30.0 and on_disk["total_seconds"] == pytest.approx(61.5)
     assert len(on_disk["dial"]) == 2
     assert on_disk["training"]["qadapter"]["eval_loss"] == 0.6 and on_disk["training"]["dpo"]["loss"] == 1 / 3
     # eval_loss (min) vs rewards/accuracies (max): t1 (0.60, 0.7) and t2 (0.65, 0.8) are the front
     assert on_disk["tune"]["front"] == [1, 2] and on_disk["tune"]["x"] == "eval_loss"
+    assert "evaluation: reward_model: something missing" in on_disk["notes"]  # the evaluation's notes carry on
 
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     for name in ("base", "qadapter", "dpo", "sft", "replay"):
         assert any(r.startswith(f"| {name} |") for r in rows), name
-    assert "| qadapter | qadapter | 0.010 | 1.000 | 0.400 | 0.700 | 0.750 | 0.0200 |" in md
+    # columns: the judges' in eval.judges order, then retention and KL; every number with its interval
+    assert "| method | objective | alpha_0 | alpha_tilde | pair_accuracy | win_rate | retention | kl_to_base |" in md
+    assert ("| qadapter | qadapter | 0.010 | 1.000 | 0.700 [0.500, 0.900] | 0.700 [0.600, 0.800] | "
+            "0.970 [0.920, 1.020] | 0.020 |") in md
     assert "| replay | replay | n/a | n/a | n/a | n/a | n/a | n/a |" in md
-    assert "| qadapter | 0.001 | 0.500 | 0.450 | 0.750 | 0.700 | 0.0500 |" in md  # dial row
+    # differences vs the base: within noise exactly where the interval contains 0
+    assert "| qadapter | +0.200 [+0.050, +0.350] | -0.030 [-0.100, +0.040] within noise |" in md
+    assert "| dpo | +0.300 [+0.100, +0.500] | -0.400 [-0.500, -0.300] |" in md
+    assert "| sft | -0.100 [-0.300, +0.100] within noise | n/a |" in md
+    assert "| qadapter | 0.001 | 0.500 | 0.750 [0.550, 0.950] |" in md  # dial row
+    assert ("| qadapter | probe_gen (answer_match) | 0.600 [0.500, 0.700] | 40 | -0.020 [-0.080, +0.040] within "
+            "noise | 0.970 [0.900, 1.040] |") in md
+    obs = " ".join(on_disk["observations"])
+    assert "Highest pair_accuracy: dpo" in obs and "pair_accuracy within noise" in obs and "sft" in obs
+    assert "Forgetting outside the noise: dpo." in obs
     assert "| **total** | 61.5 |" in md
 
-    for key in ("pref_vs_capability", "training_curves", "tune_pareto"):
+    for key in ("pareto", "training_curves", "tune_pareto"):
         rel = on_disk["plots"][key]
         assert rel and f"]({rel})" in md
         data = (out / rel).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, key
+    assert on_disk["plot_descriptions"]["pareto"].startswith("y: pair_accuracy; x: retention | kl_to_base")
 
 
 def test_report_without_optional_inputs(tmp_path, inputs):
     cfg = load_config(None, {"run": {"name": "t"}})
+    ev = inputs["evaluate"]
     ev_path = tmp_path / "results.json"
-    ev_path.write_text(json.dumps(inputs["evaluate"]))
+    ev_path.write_text(json.dumps(ev))
     rep = report_stage(cfg, {"evaluate": str(ev_path)}, str(tmp_path / "out"))
     assert rep["plots"]["training_curves"] is None and rep["plots"]["tune_pareto"] is None
-    assert len(rep["notes"]) == 2 and rep["total_seconds"] == 0.0
-    assert (tmp_path / "out" / "plots" / "pref_vs_capability.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(rep["notes"]) == 3 and rep["total_seconds"] == 0.0
+    assert (tmp_path / "out" / "plots" / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+    # no preference measure and no capability axis: the Pareto plot is skipped with a note, not a crash
+    bare = {"methods": {"base": {"objective": "base"}, "dpo": {"objective": "dpo"}}, "judges": ["pairs"]}
+    rep = report_stage(cfg, {"evaluate": bare}, str(tmp_path / "bare"))
+    assert rep["plots"]["pareto"] is None and any("Pareto plot not drawn" in n for n in rep["notes"])
     with pytest.raises(ValueError):
         report_stage(cfg, {}, str(tmp_path / "x"))
 
