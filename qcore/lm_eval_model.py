@@ -7,9 +7,17 @@
 - generate_until: ``QAdapterModel.generate`` (two-pass, two-KV-cache), cut at the ``until`` strings.
 
 model_args: ``pretrained=<base dir | tiny | smollm2-135m>,adapter=<adapter dir>,alpha_0=..,alpha_tilde=..,
-batch_size=..,dtype=float32,device=cpu,max_length=..,max_gen_toks=256,add_bos_token=False``. alpha_0/alpha_tilde
-default to the adapter's trained values (qadapter.json); without an adapter the model is the base policy
-(alpha_0 = 0, alpha_tilde = 1). A DPO/SFT/replay adapter is the plain adapter-on policy: pass alpha_0=0,alpha_tilde=1.
+batch_size=..,dtype=float32,device=cpu,max_length=..,max_gen_toks=256,add_bos_token=..``. alpha_0/alpha_tilde
+default by the objective recorded in the adapter's qadapter.json: a Q-Adapter at its trained values, a DPO/SFT/
+replay adapter as the plain adapter-on policy softmax(Q) (alpha_0 = 0, alpha_tilde = 1); without an adapter the
+model is the base policy (alpha_0 = 0, alpha_tilde = 1). Where alpha_0 = 0 the adapter-off pass is skipped.
+
+BOS, as lm-eval's HF model does it and as training saw it (``qcore.data.prepend_bos``): by default
+(add_bos_token unset) every encoded context starts with the BOS the tokenizer adds (``qcore.data.expected_bos``),
+once: a string that already starts with it (a chat template that writes it, as Llama-3's does) gets no second one,
+and a tokenizer that adds none (SmolLM2, the tiny ChatML one) gets none. add_bos_token=true forces the tokenizer's
+bos_token, false never adds one. An empty context (rolling log-likelihood) is conditioned on ``prefix_token_id``:
+the expected BOS, else EOS (the document separator).
 
 lm-eval's CLI only knows registered models, so run it through this module (it registers, then calls lm-eval's
 own CLI with the same arguments):
@@ -31,6 +39,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from qcore.data import expected_bos, prepend_bos
 from qcore.metrics import token_logprobs
 
 log = logging.getLogger("qadapter.lm_eval")
@@ -53,23 +62,23 @@ class QAdapterLM(TemplateLM):
 
     def __init__(self, pretrained: str = "smollm2-135m", adapter: Optional[str] = None, alpha_0: Any = None,
                  alpha_tilde: Any = None, batch_size: Any = 1, dtype: str = "float32", device: Optional[str] = None,
-                 max_length: Any = None, max_gen_toks: Any = 256, add_bos_token: Any = False,
+                 max_length: Any = None, max_gen_toks: Any = 256, add_bos_token: Any = None,
                  trust_remote_code: Any = False, max_batch_size: Any = None, **kwargs):
         super().__init__()
         from transformers import AutoTokenizer
 
         from qcore.base_models import resolve_model_path
         from qcore.config import QConfig
-        from qcore.model import QAdapterModel, read_qadapter_json
+        from qcore.model import QAdapterModel, read_objective, read_qadapter_json
 
         if kwargs:
             log.warning("qadapter: ignoring unknown model_args %s", sorted(kwargs))
         base_dir = resolve_model_path(str(pretrained))
         trust = _as_bool(trust_remote_code)
-        if adapter:
+        if adapter and read_objective(adapter) == "qadapter":
             trained = read_qadapter_json(adapter)
             trained = trained[0] if isinstance(trained, tuple) else trained  # (QConfig, AdapterConfig) or QConfig
-        else:  # no adapter: the base policy, exactly
+        else:  # no adapter (the base policy) or a dpo/sft/replay adapter (softmax(Q)): no log pi_pre term
             trained = QConfig(alpha_0=0.0, alpha_tilde=1.0)
         self.alpha_0 = trained.alpha_0 if _as_float(alpha_0) is None else _as_float(alpha_0)
         self.alpha_tilde = trained.alpha_tilde if _as_float(alpha_tilde) is None else _as_float(alpha_tilde)
@@ -93,8 +102,9 @@ class QAdapterLM(TemplateLM):
         self._max_length = int(max_length) if max_length else int(
             getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = _as_bool(add_bos_token)
+        self.add_bos_token = None if add_bos_token is None or add_bos_token == "" else _as_bool(add_bos_token)
         self.chunk_size = self.model.q_config.chunk_size
+        self.need_base = self.alpha_0 != 0  # pi_custom reads log pi_pre only through alpha_0
 
     # ------------------------------------------------------------------ construction from lm-eval arguments
     @classmethod
@@ -117,8 +127,8 @@ class QAdapterLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        bos = self.tokenizer.bos_token_id
-        return int(bos) if bos is not None else self.eot_token_id
+        bos = expected_bos(self.tokenizer)
+        return bos if bos is not None else self.eot_token_id
 
     @property
     def max_length(self) -> int:
@@ -129,8 +139,15 @@ class QAdapterLM(TemplateLM):
         return getattr(self.tokenizer, "name_or_path", "qadapter").replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
-        special = self.add_bos_token if add_special_tokens is None else add_special_tokens
-        return list(self.tokenizer(string, add_special_tokens=special)["input_ids"])
+        """None = this model's add_bos_token (unset: the expected BOS, once); True = a BOS, once; False = none."""
+        ids = list(self.tokenizer(string, add_special_tokens=False)["input_ids"])
+        want = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        if want is None:
+            return prepend_bos(ids, self.tokenizer)
+        bos = self.tokenizer.bos_token_id
+        if want and bos is not None and not (ids and ids[0] == bos):
+            return [int(bos), *ids]
+        return ids
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
@@ -154,9 +171,10 @@ class QAdapterLM(TemplateLM):
         ids, mask = ids.to(self._device), mask.to(self._device)
         out = []
         with torch.no_grad():
-            q, base = self.model.q_and_base_logits(ids, mask, need_base=True)
+            q, base = self.model.q_and_base_logits(ids, mask, need_base=self.need_base)
             for i, (start, end) in enumerate(spans):
-                custom = self.model.customized_logits(q[i : i + 1, start:end], base[i : i + 1, start:end],
+                custom = self.model.customized_logits(q[i : i + 1, start:end],
+                                                      None if base is None else base[i : i + 1, start:end],
                                                       alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
                 target = ids[i : i + 1, start + 1 : end + 1]
                 lp = token_logprobs(custom, target, self.chunk_size)[0]
@@ -194,7 +212,8 @@ class QAdapterLM(TemplateLM):
         for req in requests:
             (string,) = req.args
             windows = [(None,) + utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
                 context_len=1)]
             total = sum(ll for ll, _ in self._loglikelihood_tokens(windows, disable_tqdm=True))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -248,7 +267,7 @@ class QAdapterLM(TemplateLM):
             out = self.model.generate(ids.to(self._device), mask.to(self._device), max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, temperature=temperature, top_p=top_p,
                                       alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde,
-                                      eos_token_id=self.eot_token_id, pad_token_id=pad)
+                                      eos_token_id=self.eot_token_id, pad_token_id=pad, need_base=self.need_base)
         texts = []
         for row in out[:, width:].cpu().tolist():
             if self.eot_token_id in row:
