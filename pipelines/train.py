@@ -296,6 +296,17 @@ def _memory_mib() -> dict:
     return out
 
 
+def _base_held(model) -> dict:
+    """What of the frozen base this rank holds right after loading (before DeepSpeed's engine): the fraction of its
+    elements (1.0 = the whole model; ~1/N when loaded partitioned) and its dtypes."""
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    full = sum(int(getattr(p, "ds_numel", p.numel())) for p in base)
+    local = sum(int(p.ds_tensor.numel()) if getattr(p, "ds_tensor", None) is not None else int(p.numel())
+                for p in base)
+    return {"fraction": local / max(full, 1), "numel": full,
+            "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in base})}
+
+
 def _reset_peak_rss() -> bool:
     """Restart the peak-RSS counter (Linux: 5 > /proc/self/clear_refs): a reused Ray worker's earlier peak is not
     this run's. False where the kernel refuses it (the peak then counts from the process start)."""
@@ -475,6 +486,7 @@ def train_loop_per_worker(config: dict) -> None:
     partitioned = partitioned_load_config(cfg, conf)  # ZeRO-3: alive while the engine lives (see its doc)
     model = build_model(cfg, config["model_dir"])
     memory["model"] = _memory_mib()
+    loaded = _base_held(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     from transformers import get_scheduler
@@ -550,6 +562,8 @@ def train_loop_per_worker(config: dict) -> None:
             import pyarrow as pa
 
             eval_rows = pa.concat_tables(ray.get(list(config["eval_refs"]))).to_pylist()
+            if tc.eval_max_pairs > 0:  # the in-training eval is a progress signal; the evaluate stage scores all
+                eval_rows = eval_rows[: tc.eval_max_pairs]
         mine = eval_rows[rank::world]
         n_batches = math.ceil(math.ceil(len(eval_rows) / world) / mb)
         sums: dict[str, float] = {}
@@ -669,7 +683,7 @@ def train_loop_per_worker(config: dict) -> None:
         if state["partition"] is None:  # after the first step: what each rank holds (ZeRO-3: its partition)
             info = _partition_info(engine, rank)
             info["memory"] = {**memory, "first_step": _memory_mib(), "peak_reset": peak_reset,
-                              "partitioned_load": partitioned is not None}
+                              "partitioned_load": partitioned is not None, "loaded": loaded}
             infos = [None] * world
             if world > 1:
                 dist.all_gather_object(infos, info)

@@ -140,6 +140,7 @@ class TrainConfig:
     # ZeRO-3: build the base model already partitioned (transformers' HfDeepSpeedConfig -> deepspeed.zero.Init and a
     # partitioned checkpoint load), so no worker holds all of it; false = each worker loads it whole first
     zero_init: bool = True
+    eval_max_pairs: int = -1  # eval-split pairs scored at each checkpoint during training; -1 = all
     # per compared method, dotted overrides of its training run: a learning rate fit for each method, e.g.
     # {dpo: {train.lr: 5.0e-4}, sft: {train.lr: 1.0e-3}} (pipelines/full.py applies them; one shared budget stays)
     method_overrides: dict[str, Any] = field(default_factory=dict)
