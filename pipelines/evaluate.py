@@ -891,7 +891,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--adapter wants NAME=DIR, got {spec!r}")
         name, path = spec.split("=", 1)
         adapters[name] = path
-    out = evaluate_stage(cfg, adapters, args.data_dir, args.out_dir or stage_dir(cfg, "evaluate"))
+    if not adapters and args.data_dir is None and args.out_dir is None:
+        # chain: the adapters and the preprocess output this config's earlier stages recorded in the manifest
+        from pipelines import full
+        from pipelines.common import init_ray
+
+        init_ray(cfg)
+        out = full.run_pipeline(cfg, only="evaluate")["evaluate"]
+    else:
+        out = evaluate_stage(cfg, adapters, args.data_dir, args.out_dir or stage_dir(cfg, "evaluate"))
     print(json.dumps({"methods": out["methods"], "dial": out["dial"], "notes": out["notes"]}, indent=2))
     return out
 

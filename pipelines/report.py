@@ -657,12 +657,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipelines.common import cli_config, run_dir
 
     parser = argparse.ArgumentParser(description="Report stage")
-    parser.add_argument("--results", required=True, help="JSON file with report_stage's results dict")
+    parser.add_argument("--results", default=None,
+                        help="JSON file with report_stage's results dict (default: the outputs this config's earlier "
+                             "stages recorded in the run's manifest)")
     parser.add_argument("--out-dir", default=None, help="default: the run dir")
     args, rest = parser.parse_known_args(argv)
     cfg = cli_config("Report stage", rest)
-    results = json.loads(Path(args.results).read_text())
-    out = report_stage(cfg, results, args.out_dir or run_dir(cfg))
+    if args.results is None and args.out_dir is None:  # chain: every stage before it, from the manifest
+        from pipelines import full
+        from pipelines.common import init_ray
+
+        init_ray(cfg)
+        out = full.run_pipeline(cfg, only="report")["report"]
+    else:
+        results = json.loads(Path(args.results).read_text())
+        out = report_stage(cfg, results, args.out_dir or run_dir(cfg))
     print("\n".join(out["observations"]))
     return out
 

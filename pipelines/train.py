@@ -856,9 +856,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--out", default=None, help="output directory (default runs/<run.name>/train)")
     args, rest = parser.parse_known_args(argv)
     cfg = cli_config("Train a Q-Adapter (or a baseline) with Ray Train + DeepSpeed", rest)
-    data = args.data or stage_dir(cfg, "preprocess")
-    out = args.out or stage_dir(cfg, "train")
-    result = train_stage(cfg, data, out)
+    if args.data is None and args.out is None:  # chain: the preprocess (and Tune) outputs of this config
+        from pipelines import full
+        from pipelines.common import init_ray
+
+        init_ray(cfg)
+        result = full.run_pipeline(cfg, only=f"train/{cfg.train.objective}")["train"][cfg.train.objective]
+    else:
+        result = train_stage(cfg, args.data or stage_dir(cfg, "preprocess"), args.out or stage_dir(cfg, "train"))
     print(json.dumps({k: result[k] for k in ("adapter_dir", "checkpoint_dir", "steps", "seconds")}, indent=2))
     return result
 

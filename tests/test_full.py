@@ -86,3 +86,29 @@ def test_training_stages_run_side_by_side(ray_session, tmp_path, capsys):
     assert stages["train/sft"]["status"] == "failed" and stages["train/qadapter"]["status"] == "finished"
     assert "fail_at_step" not in stages["train/qadapter"]["config"]["train"] or \
         stages["train/qadapter"]["config"]["train"]["fail_at_step"] == -1  # sft's override stays sft's
+
+
+@pytest.mark.timeout(600)
+def test_standalone_stage_commands_chain(ray_session, tmp_path):
+    """The README's standalone commands with one config find each other's outputs without flags: preprocess, then
+    train, evaluate and report, each reading what the stages before it recorded in the run's manifest. A stage
+    started before the stages it reads fails with one error naming the missing stage and its command."""
+    from pipelines import evaluate, preprocess, report, train
+
+    argv = _argv(tmp_path, "--tune.enabled", "false", "--eval.methods", "[sft]", "--train.num_workers", "1",
+                 "--train.max_steps", "2", "--eval.lm_eval.tasks", "[]")
+    with pytest.raises(full.StageFailed, match=r"needs the outputs of stage preprocess.*pipelines/preprocess.py"):
+        evaluate.main(argv)
+    pre = preprocess.main(argv)
+    with pytest.raises(full.StageFailed, match=r"stage train/sft.*pipelines/train.py --train.objective sft"):
+        evaluate.main(argv)
+    trained = train.main([*argv, "--train.objective", "sft"])
+    ev = evaluate.main(argv)
+    rep = report.main(argv)
+    stages = _manifest(tmp_path).data["stages"]
+    assert {s: e["status"] for s, e in stages.items()} == {
+        "preprocess": "finished", "train/sft": "finished", "evaluate": "finished", "report": "finished"}
+    assert stages["train/sft"]["inputs"] == {"preprocess": stages["preprocess"]["key"]}
+    assert ev["methods"]["sft"]["adapter"] == trained["adapter_dir"]
+    assert stages["evaluate"]["inputs"]["preprocess"] == stages["preprocess"]["key"] and pre["out_dir"]
+    assert (Path(tmp_path) / "tiny" / "report.md").exists() and rep["observations"]
