@@ -75,7 +75,7 @@ def composed_logits(model, input_ids, attention_mask, adapters: Sequence[str], w
     """Full-sequence (no cache) logits of the composed policy, [B, L, V] float32: scoring, tests. weights: [K] or
     [B, K]."""
     from qcore.generation import BASE_ROWS, compose
-    from qcore.model import positions_from_mask
+    from qcore.data import positions_from_mask
 
     b, k = input_ids.shape[0], len(adapters)
     w = torch.as_tensor(weights, dtype=torch.float32)

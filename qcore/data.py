@@ -535,6 +535,11 @@ def _collate(ids: list[np.ndarray], masks: list[np.ndarray], pad_token_id: int, 
     }
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only: correct under left AND right padding (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def collate_pairs(rows: Any, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """B tokenized pair rows -> input_ids / attention_mask / response_mask, each LongTensor [2B, L].
 

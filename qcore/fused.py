@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from qcore.data import positions_from_mask
 from qcore.losses import OBJECTIVES, ScoredPositions, compute_loss, compute_loss_from_hidden, scored_positions
 
 BASE_OBJECTIVES = ("qadapter", "dpo")
@@ -51,10 +52,6 @@ def _gathered(*params):
         raise NotImplementedError("the fused loss under ZeRO-3 needs a frozen LM head (LoRA); use compute_loss")
     return deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None) if todo \
         else contextlib.nullcontext()
-
-
-def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def plain_lm_head(hf_model) -> Optional[torch.nn.Module]:
@@ -221,7 +218,7 @@ def hidden_at(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
             return _gather_shared(h_prefix, buckets, s, rows, cols), True
     n_used = int(rows.max()) + 1 if rows.numel() else 1  # sft scores the chosen half only: run just those rows
     ids, mask = input_ids[:n_used], attention_mask[:n_used]
-    hidden = decoder(ids, mask, _positions_from_mask(mask))
+    hidden = decoder(ids, mask, positions_from_mask(mask))
     return hidden[rows, cols], False
 
 

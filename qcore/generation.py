@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from qcore.model import positions_from_mask
+from qcore.data import positions_from_mask
 
 BASE_ROWS = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 

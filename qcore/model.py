@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from qcore.config import AdapterConfig, QConfig
+from qcore.data import positions_from_mask  # noqa: F401  (part of this module's API too)
 
 QADAPTER_FILE = "qadapter.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,11 +69,6 @@ def _dial_value(value, like: torch.Tensor):
 def _inject_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only: correct under left AND right padding (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
