@@ -14,7 +14,9 @@ B = max_steps x micro_batch x accumulation x workers < N + R rows keeps the firs
 the run sees the authors' proportion and generates only the answers it will read.
 
 Generation runs as Ray Data batch inference on the evaluation actors (``PolicyEvaluator`` with no adapter = the base
-policy, in ``model.dtype``), ``cfg.eval.batch_size`` prompts per call on ``cfg.eval.num_actors`` actors.
+policy, in ``model.dtype``), ``cfg.eval.batch_size`` prompts per call on ``cfg.eval.num_actors`` actors, each on a GPU
+where training uses them (``train.use_gpu``: one GPU per actor), else on CPU threads. Greedy decoding of the first
+``replay_count`` distinct prompts in file order: nothing in it is random, so ``run.seed`` does not change it.
 
 Output ``<out_dir>/train`` and ``<out_dir>/eval`` (Parquet rows of ``qcore.data.tokenize_sft``: input_ids,
 response_mask, prompt_length, plus kind ("chosen" | "replay"), prompt_json, response) and ``replay.json``.
@@ -55,7 +57,7 @@ def interleave(chosen: list, replay: list) -> list:
 class BaseAnswers:
     """Ray Data callable class: the base model's greedy answers to a batch of prompts, tokenized as SFT rows."""
 
-    def __init__(self, cfg_dict: dict, num_threads: int):
+    def __init__(self, cfg_dict: dict, num_threads: int, use_gpu: bool = False):
         from pipelines.evaluate import PolicyEvaluator
         from qcore.config import config_from_dict
 
@@ -64,7 +66,9 @@ class BaseAnswers:
         self.evaluator = PolicyEvaluator(cfg.model.path, dtype=cfg.model.dtype,
                                          max_new_tokens=cfg.train.replay_max_new_tokens,
                                          trust_remote_code=cfg.model.trust_remote_code,
-                                         num_threads=num_threads)
+                                         use_gpu=use_gpu, num_threads=num_threads)
+        if use_gpu and self.evaluator.device.type != "cuda":  # Ray gave this actor a GPU that torch cannot see
+            raise RuntimeError("train.use_gpu is true but torch sees no CUDA device in the replay actor")
         self.evaluator._load(None)
 
     def __call__(self, batch: dict) -> dict:
@@ -137,12 +141,15 @@ def replay_data(cfg: Config, data_dir: str, out_dir: str) -> dict[str, Any]:
     replay: list[dict] = []
     if n_replay:
         num_actors = max(1, min(cfg.eval.num_actors, n_replay))
-        threads = max(1, min(os.cpu_count() or 1, int(ray.cluster_resources().get("CPU", 1))) // num_actors)
+        use_gpu = bool(cfg.train.use_gpu)  # generate where training runs
+        threads = 0 if use_gpu else max(1, min(os.cpu_count() or 1,
+                                                int(ray.cluster_resources().get("CPU", 1))) // num_actors)
         batch_size = max(1, cfg.eval.batch_size)
         ds = ray.data.from_items([{"prompt_json": p} for p in prompts[:n_replay]],
                                  override_num_blocks=max(1, math.ceil(n_replay / batch_size)))
-        ds = ds.map_batches(BaseAnswers, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "num_threads": threads},
-                            batch_size=batch_size, concurrency=num_actors, num_cpus=1)
+        ds = ds.map_batches(BaseAnswers, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "num_threads": threads,
+                                                                "use_gpu": use_gpu},
+                            batch_size=batch_size, concurrency=num_actors, num_cpus=1, num_gpus=1 if use_gpu else 0)
         replay = [{k: r[k] for k in MIX_COLUMNS} for r in ds.take_all()]
         order = {p: i for i, p in enumerate(prompts)}  # actors finish out of order: back to prompt order
         replay.sort(key=lambda r: order[r["prompt_json"]])

@@ -85,6 +85,27 @@ def test_plan_and_deepspeed_config():
     assert conf["wall_clock_breakdown"] is True and conf["gradient_accumulation_steps"] == 3
 
 
+def test_partitioned_load_config():
+    """No Ray: under ZeRO-3 with train.zero_init, transformers sees ZeRO-3 (from_pretrained then builds the model in
+    deepspeed.zero.Init and loads it partitioned) while the returned object lives, in the model's dtype."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from pipelines.train import ds_config, partitioned_load_config
+
+    cfg = tiny_cfg(Path("/tmp"), model_dtype="bfloat16")
+    conf = ds_config(cfg)
+    hf = partitioned_load_config(cfg, conf)
+    assert is_deepspeed_zero3_enabled()
+    assert hf.config["bf16"]["enabled"] is True and hf.config["fp16"]["enabled"] is False
+    assert conf["bf16"]["enabled"] is False  # the engine's config is not changed
+    del hf
+    assert not is_deepspeed_zero3_enabled()  # a weakref: gone with the object
+    assert partitioned_load_config(tiny_cfg(Path("/tmp"), zero_stage=2), conf) is None
+    assert partitioned_load_config(tiny_cfg(Path("/tmp"), zero_init=False), conf) is None
+    fp32 = partitioned_load_config(tiny_cfg(Path("/tmp")), conf)
+    assert fp32.config["bf16"]["enabled"] is False and fp32.is_zero3()
+
+
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory, tiny_model_dir):
     return write_pref_parquet(tmp_path_factory.mktemp("prefdata"), tiny_model_dir)
@@ -119,6 +140,12 @@ def test_two_worker_zero3_train_save_reload(ray_session, pref_data, tiny_model_d
             assert p[kind]["local_numel"] * 2 >= p[kind]["full_numel"]  # two ranks together cover the tensor
         assert p["base"]["data_numel"] == 0  # released after the forward: not held whole between uses
         assert p["total_local_numel"] < 0.6 * p["total_full_numel"]
+        # loaded partitioned (train.zero_init): right after from_pretrained, before DeepSpeed's engine, each rank
+        # held only its half of the base weights, never the whole model
+        loaded = p["memory"]["loaded"]
+        assert p["memory"]["partitioned_load"] and loaded["dtypes"] == ["float32"]
+        assert 0.45 < loaded["fraction"] < 0.55, loaded
+        assert p["memory"]["first_step"]["peak_rss"] >= p["memory"]["start"]["rss"] > 0
 
     # the loss went down (eval loss on the fixed eval split, first report vs last)
     hist = out["history"]
@@ -184,6 +211,10 @@ def test_fault_injection_resumes_from_last_checkpoint(ray_session, pref_data, tm
 
     saved = load_file(str(Path(out["adapter_dir"]) / "adapter_model.safetensors"))
     assert {w.dtype for w in saved.values()} == {torch.float32}  # LoRA weights trained and saved in fp32
+    # the partitioned load built the base in bf16 (zero.Init creates tensors in its config's precision: it is told
+    # the model's dtype, while the engine's own bf16 mode stays off), half of it per rank
+    for p in out["partition"]:
+        assert p["memory"]["loaded"]["dtypes"] == ["bfloat16"] and p["memory"]["loaded"]["fraction"] < 0.55
 
 
 @pytest.mark.ray
@@ -232,3 +263,4 @@ def test_replay_objective_trains_on_base_answers(ray_session, pref_data, tmp_pat
     assert [json.loads(r["prompt_json"]) for r in rows if r["kind"] == "replay"] in ([_PROMPTS[0]], [])
     chosen = [r["response"] for r in rows if r["kind"] == "chosen"]
     assert chosen == [_YES[i % len(_YES)] for i in range(7)]  # the first pair rows, in order
+

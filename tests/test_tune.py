@@ -51,7 +51,7 @@ def test_space_and_trial_plan():
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path):
+def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path, capsys):
     from pipelines.tune import tune_stage
     from qcore.config import config_from_dict
 
@@ -65,7 +65,7 @@ def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path):
         "tune": {"num_samples": 2, "num_workers": 1, "max_steps": 2, "scheduler": "asha", "grace_period": 2,
                  "space": {"adapter.rank": {"type": "choice", "values": [2, 4]},
                            "q.alpha_0": {"type": "loguniform", "low": 0.001, "high": 0.1}}},
-        "run": {"name": "t", "seed": 0},
+        "run": {"name": "t", "seed": 0, "mlflow_tracking_uri": f"file://{tmp_path}/mlruns"},
     })
     t0 = time.time()
     out = tune_stage(cfg, data, str(tmp_path / "tune"))
@@ -98,3 +98,29 @@ def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path):
     events = glob.glob(f"{out['logdir']}/**/events.out.tfevents*", recursive=True)
     assert len(events) >= 2 and all(Path(e).stat().st_size > 0 for e in events)
     assert sorted(out["tensorboard_files"]) == sorted(events)
+    # each trial is a training run and logs what a train stage logs: its own tensorboard/ and one MLflow run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trial_tb = sorted(Path(out["logdir"]).glob("train_runs/train-*/tensorboard"))
+    assert len(trial_tb) == 2
+    for d in trial_tb:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        assert {"loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")
+    assert out["mlflow_experiment"] == "t"
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert sorted(r.data.tags["qadapter.trial"] for r in runs) == sorted(row["trial_id"] for row in rows)
+    by_trial = {row["trial_id"]: row for row in rows}
+    for r in runs:
+        assert r.data.tags["qadapter.stage"] == "tune" and r.info.status == "FINISHED"
+        assert int(r.data.params["adapter.rank"]) == int(float(by_trial[r.data.tags["qadapter.trial"]]["adapter.rank"]))
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+    # the closing hint points at the stage's own storage, not at Ray's staging directory
+    assert f"tensorboard --logdir {tmp_path / 'tune'}" in capsys.readouterr().out
