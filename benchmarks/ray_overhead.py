@@ -181,7 +181,7 @@ def run_in_process(cfg, rows: list[dict], threads: int) -> dict:
     tc = cfg.train
     t0, c0 = time.perf_counter(), time.process_time()
     model_dir = resolve_model_path(cfg.model.path)
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(cfg.run.seed)
     model = QAdapterModel.from_pretrained(model_dir, adapter_cfg=cfg.adapter, q_cfg=cfg.q, dtype="float32")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
