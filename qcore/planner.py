@@ -28,6 +28,21 @@ data.max_length tokens, T = N x s tokens, L layers, h hidden, i intermediate, V 
   fixed overhead           CUDA context, NCCL and cuBLAS workspaces (2 GiB by default)
   allocator reserve        10% of the dynamic terms (activations, logits, transient): fragmentation
 
+Host RAM per worker while the base loads (``train.zero_init``, pipelines/train.py ``partitioned_load_config``):
+
+  zero_init false, or below ZeRO-3   P x b        every worker materializes the whole base, then ZeRO partitions it
+  zero_init true (ZeRO-3)            P x b / G    the rank's share, built by ``deepspeed.zero.Init``: in host RAM on
+                                                  CPU workers (measured: 0.500 of the base per rank on 2 workers),
+                                                  on the GPU on GPU workers (0 in host RAM; the offload device with
+                                                  offload_params, where the offloaded-params row counts it)
+  + zero.Init load transient bound   P x b        what its load path holds beyond the share, per rank: at 135M in-load
+                                                  peaks of 0.80-1.01 x the base (0.47-0.61 x after loading;
+                                                  benchmarks/RESULTS.md, zero_init); assumed to scale with the model
+                                                  until measured at 8B/70B, so size pods at P x b per worker either way
+
+Neither is the process's peak RSS: the process itself and the training step come on top (at 135M the step set the
+peak, 1.07x with / without partitioned loading).
+
 DeepSpeed's estimator (``deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs``) assumes every
 parameter is trained in mixed precision: 18 B/param sharded + 4 B x largest layer. With LoRA that holds for the
 LoRA part only (2 + 4 + 12 = 18 B); the frozen base costs 2 B/param, which is the estimator's own
@@ -53,6 +68,11 @@ BASE_OBJECTIVES = ("qadapter", "dpo")  # objectives that need the adapter-off (b
 # fp32 chunk-sized tensors alive at once inside one loss chunk (forward + its recompute/backward under checkpoint):
 # upcast Q, log_softmax(base), customized logits, the exp of each logsumexp, their grads. An estimate, not exact.
 CHUNK_TEMPS = {"qadapter": 6, "dpo": 5, "sft": 3, "replay": 3}
+# zero.Init's load-path transient per rank beyond its share, as a fraction of the base's bytes. SmolLM2 fp32, 513 MiB,
+# 2 ranks (benchmarks/RESULTS.md, zero_init): anonymous memory +667 / +773 MiB at the in-load peak (2-process probe),
+# +500 / +569 after from_pretrained (Ray run), each with the 257 MiB share in it -> 0.80-1.01 x at the peak.
+# That it scales with the model is the cautious guess (not measured beyond 135M).
+ZERO_INIT_LOAD_TRANSIENT = 1.0
 
 
 class PlanError(ValueError):
@@ -191,6 +211,8 @@ class PlanInputs:
     num_gpus: int  # GPUs sharing the ZeRO partition (train.num_workers, one GPU each)
     dtype: str = "bfloat16"
     zero_stage: int = 3
+    zero_init: bool = True  # train.zero_init: under ZeRO-3 each rank builds and loads only its share of the base
+    use_gpu: bool = True  # train.use_gpu: where zero.Init creates that share (the GPU, else host RAM)
     offload_optimizer: bool = False
     offload_params: bool = False
     lora_rank: int = 8
@@ -320,13 +342,20 @@ class Plan:
                 return it
         raise KeyError(name_prefix)
 
+    def host_item(self, name_prefix: str) -> MemoryItem:
+        for it in self.host_items:
+            if it.name.startswith(name_prefix):
+                return it
+        raise KeyError(name_prefix)
+
     def header(self) -> str:
         p, s = self.inputs, self.inputs.shape
         lora = s.lora_params(p.lora_rank, p.lora_targets)
         return (
             f"{p.label}: {s.name} ({s.num_params() / 1e9:.2f}B params, LoRA r={p.lora_rank} on "
             f"{'/'.join(p.lora_targets)} = {lora / 1e6:.2f}M), {p.num_gpus} GPU(s), ZeRO-{p.zero_stage}"
-            f"{' +offload_optimizer' if p.offload_optimizer else ''}{' +offload_params' if p.offload_params else ''}, "
+            f"{' +offload_optimizer' if p.offload_optimizer else ''}{' +offload_params' if p.offload_params else ''}"
+            f"{' +zero_init' if p.zero_stage == 3 and p.zero_init else ''}, "
             f"{p.dtype}, micro-batch {p.micro_batch_pairs} pairs x {p.seq_len} tokens ({p.rows} sequences), "
             f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}, "
             f"attention {p.attn_implementation or 'sdpa'}, objective {p.objective}"
@@ -431,9 +460,27 @@ def estimate(p: PlanInputs, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB) -> P
     items.append(MemoryItem("allocator reserve (fragmentation)", int(p.reserve_fraction * dynamic),
                             f"{p.reserve_fraction:.0%} of activations + logits + transient"))
 
-    # host RAM per GPU worker
-    host.append(MemoryItem("model load before partitioning (per worker)", P * b,
-                           f"{P / 1e9:.2f}B x {b} B: every worker loads the full base before ZeRO partitions it"))
+    # host RAM per worker while the base loads: partitioned (zero.Init) only under ZeRO-3 with train.zero_init
+    if z3 and p.zero_init:
+        share = P * b // G
+        if not on_gpu_params:
+            held, where_txt = 0, "created on the offload device: counted in the offloaded params row"
+        elif p.use_gpu:
+            held, where_txt = 0, "created on the GPU (the params: base row), none in host RAM"
+        else:
+            held, where_txt = share, "in host RAM (CPU workers)"
+        host.append(MemoryItem("base weights while loading (per worker)", held,
+                               f"zero_init: P x {b} B / {G} = {share / GIB:.2f} GiB per rank, {where_txt}"))
+        transient = int(ZERO_INIT_LOAD_TRANSIENT * P * b)
+        host.append(MemoryItem("zero.Init load transient, bound (per worker)", transient,
+                               f"{P / 1e9:.2f}B x {b} B: beyond the share, zero.Init's load path peaked at 0.80-1.01 x "
+                               "the base per rank at 135M (benchmarks/RESULTS.md zero_init); assumed to scale with "
+                               "the model until measured"))
+    else:
+        why = "train.zero_init false" if z3 else "below ZeRO-3"
+        host.append(MemoryItem("base weights while loading (per worker)", P * b,
+                               f"{P / 1e9:.2f}B x {b} B ({why}): every worker loads the whole base before ZeRO "
+                               "partitions it"))
     if not on_gpu_params:
         host.append(MemoryItem("offloaded params (per worker)", (P + P_lora) * b // shard_params,
                                f"(P + P_lora) x {b} B / {G}"))
@@ -480,7 +527,8 @@ def plan_inputs(cfg, *, shape: Optional[ModelShape] = None, num_gpus: Optional[i
     dtype = cfg.model.dtype
     kwargs = dict(
         shape=shape, seq_len=int(max_len), micro_batch_pairs=int(micro), num_gpus=int(gpus), dtype=dtype,
-        zero_stage=cfg.train.zero_stage, offload_optimizer=cfg.train.offload_optimizer,
+        zero_stage=cfg.train.zero_stage, zero_init=cfg.train.zero_init, use_gpu=cfg.train.use_gpu,
+        offload_optimizer=cfg.train.offload_optimizer,
         offload_params=cfg.train.offload_params, lora_rank=int(rank), lora_targets=tuple(cfg.adapter.target_modules),
         lora_dropout=cfg.adapter.dropout, gradient_checkpointing=cfg.model.gradient_checkpointing,
         attn_implementation=cfg.model.attn_implementation, objective=cfg.train.objective,

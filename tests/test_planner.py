@@ -237,6 +237,83 @@ def test_logits_activations_and_transient_by_hand():
     assert _row(sft, "base logits") == 0 and _row(sft, "Q logits") == 3 * full // 2
 
 
+# ------------------------------------------------------------------ host RAM while loading (train.zero_init)
+def test_host_rows_with_and_without_zero_init_by_hand():
+    """8B on 4 GPUs and 70B on 8, bf16: without partitioned loading every worker holds P x 2 B; with it the rank's
+    share P x 2 B / G is created on the GPU (none in host RAM), on CPU workers in host RAM; the load transient's
+    bound is P x 2 B either way. The figures docs/scaling.md states."""
+    for shape, gpus, full, share in ((L8B, 4, 8_030_261_248 * 2, 8_030_261_248 * 2 // 4),
+                                     (PRESETS["llama-3.1-70b"], 8, 70_553_706_496 * 2, 70_553_706_496 * 2 // 8)):
+        p = dict(shape=shape, seq_len=512, micro_batch_pairs=1, num_gpus=gpus)
+        off = estimate(PlanInputs(zero_init=False, **p))
+        gpu = estimate(PlanInputs(zero_init=True, use_gpu=True, **p))
+        cpu = estimate(PlanInputs(zero_init=True, use_gpu=False, **p))
+        assert off.host_item("base weights while loading").bytes == full
+        assert [it.name for it in off.host_items] == ["base weights while loading (per worker)"]
+        assert gpu.host_item("base weights while loading").bytes == 0
+        assert cpu.host_item("base weights while loading").bytes == share
+        assert _row(gpu, "params: base") == share  # the share the GPU row already holds
+        assert gpu.host_item("zero.Init load transient").bytes == full
+        assert cpu.host_item("zero.Init load transient").bytes == full
+    assert round(8_030_261_248 * 2 / GIB, 2) == 14.96 and round(8_030_261_248 * 2 / 4 / GIB, 2) == 3.74
+    assert round(70_553_706_496 * 2 / GIB, 2) == 131.42 and round(70_553_706_496 * 2 / 8 / GIB, 2) == 16.43
+
+    # zero_init only acts under ZeRO-3 (pipelines/train.py partitioned_load_config): ZeRO-2 loads the whole base
+    z2 = estimate(PlanInputs(shape=L8B, seq_len=512, micro_batch_pairs=1, num_gpus=4, zero_stage=2, zero_init=True))
+    assert z2.host_item("base weights while loading").bytes == 8_030_261_248 * 2
+    # offload_params: zero.Init creates the share on the offload device, which the offloaded-params row counts
+    lora = L8B.lora_params(8, ["q_proj", "v_proj"])
+    po = estimate(PlanInputs(shape=L8B, seq_len=512, micro_batch_pairs=1, num_gpus=4, offload_params=True))
+    assert po.host_item("base weights while loading").bytes == 0
+    assert po.host_item("offloaded params").bytes == (8_030_261_248 + lora) * 2 // 4
+
+
+def test_zero_init_host_figures_match_the_benchmark():
+    """benchmarks/RESULTS.md, zero_init: SmolLM2-135M fp32 on 2 CPU workers. The planner's share is half the base
+    (measured fraction 0.500), the base is 513 MiB, and share + transient bound covers the largest in-load peak of
+    anonymous memory (+773 MiB, rank 1 of the 2-process probe) and the Ray run's +569 MiB after from_pretrained."""
+    MIB = 1024**2
+    shape = PRESETS["smollm2-135m"]
+    p = dict(shape=shape, seq_len=64, micro_batch_pairs=1, num_gpus=2, dtype="float32", use_gpu=False)
+    part, whole = estimate(PlanInputs(zero_init=True, **p)), estimate(PlanInputs(zero_init=False, **p))
+    full = 134_515_008 * 4
+    assert whole.host_item("base weights while loading").bytes == full and round(full / MIB) == 513
+    share = part.host_item("base weights while loading").bytes
+    assert share == full // 2 and share / full == 0.5  # measured: 0.500 per rank (1.000 without)
+    bound = share + part.host_item("zero.Init load transient").bytes
+    assert bound / MIB == pytest.approx(773, rel=0.01) and bound / MIB > 569
+
+
+def test_zero_init_follows_the_config():
+    cfg = load_config(ROOT / "configs/llama3.1-8b-dsp.yaml")
+    assert cfg.train.zero_init and cfg.train.use_gpu  # the default: partitioned loading on the GPU
+    on = plan_memory(cfg, 80)
+    off = plan_memory(load_config(ROOT / "configs/llama3.1-8b-dsp.yaml", ["--train.zero_init", "false"]), 80)
+    assert on.host_item("base weights while loading").bytes == 0 and "+zero_init" in on.header()
+    assert off.host_item("base weights while loading").bytes == 8_030_261_248 * 2 and "zero_init" not in off.header()
+    assert on.total_bytes == off.total_bytes  # the GPU side does not change
+    cpu = plan_memory(load_config(ROOT / "configs/tiny.yaml", ["--train.num_workers", "2"]))
+    assert not cpu.inputs.use_gpu
+    assert cpu.host_item("base weights while loading").bytes == PRESETS["tiny"].num_params() * 4 // 2
+
+
+def test_scaling_doc_host_table_matches_the_planner():
+    """docs/scaling.md's 8B/70B host-RAM table (partitioned loading) states the planner's figures for the profiles."""
+    doc = (ROOT / "docs/scaling.md").read_text()
+    plans = {}
+    for name in ("8b", "70b"):
+        cfg_path = ROOT / f"configs/llama3.1-{name}-dsp.yaml"
+        on, off = plan_memory(load_config(cfg_path)), plan_memory(load_config(cfg_path, ["--train.zero_init", "false"]))
+        plans[name] = (off.host_item("base weights while loading").gib, _row(on, "params: base") / GIB,
+                       on.host_item("base weights while loading").gib, on.host_item("zero.Init load transient").gib)
+    (w8, s8, h8, t8), (w70, s70, h70, t70) = plans["8b"], plans["70b"]
+    assert h8 == h70 == 0.0  # on the GPU profiles the share is created on the GPU
+    assert f"| `zero_init: false`: the whole base, `P x 2 B` | {w8:.2f} GiB | {w70:.2f} GiB |" in doc
+    assert (f"| `zero_init: true`: the rank's share `P x 2 B / N`, created on the GPU | {s8:.2f} GiB on the GPU, "
+            f"0 in host RAM | {s70:.2f} GiB on the GPU, 0 in host RAM |") in doc
+    assert f"| `zero_init: true`: zero.Init's load transient, bound | {t8:.2f} GiB | {t70:.2f} GiB |" in doc
+
+
 # --------------------------------------------------------------------------------------------- the profiles
 @pytest.mark.parametrize("profile", sorted(GPU_PROFILES))
 def test_gpu_profiles_load_follow_the_paper_and_fit_their_hardware(profile):
