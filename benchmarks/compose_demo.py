@@ -1,14 +1,18 @@
 """Two preferences, two Q-Adapters, one base: each preference's score as the composition weights move.
 
-    python benchmarks/compose_demo.py                       # tiny model (~1 min on 2 cores)
-    python benchmarks/compose_demo.py --model smollm2-135m --steps 60
+    python benchmarks/compose_demo.py                       # SmolLM2-135M-Instruct (the embedded default)
+    python benchmarks/compose_demo.py --model tiny --steps 20   # a smoke run (a random model learns little)
 
-Preference "affirm": the answer starts with "yes," (rejected: "no,"); preference "color": the answer ends with
-" blue" (rejected: " red"); same answer body otherwise, so each adapter learns one thing. Each adapter is trained
-alone (qcore Q-Adapter loss, the fused path) on its own pairs; then both are loaded on the base and the policy
-softmax((z_base + w_a (Q_a - z_base) + w_c (Q_c - z_base) + alpha_0 log pi_pre) / alpha_tilde) is scored on held-out
-prompts for a grid of weights: per preference, the held-out pair accuracy (log pi_w(chosen) > log pi_w(rejected))
-and the share of greedy answers that show it. Writes a JSON of the rows and a PNG plot.
+Preference "affirm": the answer starts with "Yes," (rejected: "No,"); preference "color": the answer ends with
+"and blue." (rejected: "and red."); one answer format, "<Yes|No>, <body> and <blue|red>.", for both, so each
+adapter learns one preference, at its own states (the first token, the last words). Each adapter is trained alone (the Q-Adapter loss at the default
+constants, the fused path) on its own pairs; then both are loaded on the base and the policy
+softmax((z_base + w_a (Q_a - z_base) + w_c (Q_c - z_base) + alpha_0 log pi_pre) / alpha_tilde) is scored on
+held-out prompts (topics never trained on) for a grid of weights, with eval.compose's own functions
+(qcore.compose.composed_pair_scores, weight_sweep): per preference, the held-out pair accuracy and margin (mean
+per-token log-prob of chosen minus rejected, the pairs judge), each with a 95% bootstrap interval, and the share
+of greedy answers that show it. Writes rows.json, table.md and compose_demo.png into --out; the adapters go to
+--work (not kept in the repository).
 """
 from __future__ import annotations
 
@@ -26,21 +30,34 @@ TOPICS = ["the sea", "a tree", "the moon", "bread", "a river", "music", "the win
           "the sun", "a garden", "coffee", "a train", "the rain", "a bird", "the city", "a lamp", "snow", "a road",
           "the forest", "a ship", "tea", "a clock", "the sky", "a cat", "fire", "a bridge", "summer", "a song",
           "the hill", "a door"]
-BODIES = ["it is nice", "i like it", "it is old", "it is here", "it is big", "it is calm"]
+TEMPLATES = ["Tell me about {}.", "What do you think of {}?", "Describe {} in a few words."]
+BODIES = ["it is nice", "I like it", "it is old", "it is here", "it is big", "it is calm"]
+PREFS = ("affirm", "color")
+
+
+def prompts_of(topics: list[str]) -> list[str]:
+    return [t.format(topic) for topic in topics for t in TEMPLATES]
 
 
 def pairs_for(pref: str, prompts: list[str], rng: random.Random) -> list[dict]:
+    """Both preferences' pairs share one answer format, "<Yes|No>, <body> and <blue|red>.": each pair differs only
+    in its preference's word, the other word is drawn at random. (What both adapters learn alike, here the format,
+    is counted once per adapter when their residuals are added: with two different formats, w = (1, 1) doubled
+    each adapter's pull toward its own format and the greedy answers broke.)"""
     out = []
     for p in prompts:
-        body = rng.choice(BODIES)
+        body, yes, color = rng.choice(BODIES), rng.choice(["Yes", "No"]), rng.choice(["blue", "red"])
         if pref == "affirm":
-            out.append({"prompt": p, "chosen": f"yes, {body}", "rejected": f"no, {body}"})
+            out.append({"prompt": p, "chosen": f"Yes, {body} and {color}.", "rejected": f"No, {body} and {color}."})
         else:
-            out.append({"prompt": p, "chosen": f"{body} blue", "rejected": f"{body} red"})
+            out.append({"prompt": p, "chosen": f"{yes}, {body} and blue.", "rejected": f"{yes}, {body} and red."})
     return out
 
 
-def train_adapter(base, pairs, tok, steps, lr, batch, seed, out_dir, alpha_0, alpha_tilde):
+SHOWS = {"affirm": lambda a: a.lower().startswith("yes"), "color": lambda a: a.lower().rstrip(" .!").endswith("blue")}
+
+
+def train_adapter(base, pairs, tok, steps, lr, batch, seed, out_dir):
     import torch
 
     from qcore.config import AdapterConfig, QConfig
@@ -48,127 +65,127 @@ def train_adapter(base, pairs, tok, steps, lr, batch, seed, out_dir, alpha_0, al
     from qcore.model import QAdapterModel
 
     torch.manual_seed(seed)
-    model = QAdapterModel.from_pretrained(base, adapter_cfg=AdapterConfig(dropout=0.0),
-                                          q_cfg=QConfig(alpha_0=alpha_0, alpha_tilde=alpha_tilde))
+    model = QAdapterModel.from_pretrained(base, adapter_cfg=AdapterConfig(dropout=0.0), q_cfg=QConfig())
     rows = [tokenize_pair(p, tok, 128, 96) for p in pairs]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     for step in range(steps):
-        b = collate_pairs(rng.sample(rows, batch), tok.pad_token_id)
-        loss, metrics = model.fused_loss("qadapter", b)
+        loss, metrics = model.fused_loss("qadapter", collate_pairs(rng.sample(rows, batch), tok.pad_token_id))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % max(1, steps // 5) == 0 or step == steps - 1:
-            print(f"   step {step}: loss {loss.item():.4f} acc {metrics.get('rewards/accuracies', float('nan')):.2f}",
-                  flush=True)
+            print(f"   step {step}: loss {loss.item():.4f} reward acc {metrics['rewards/accuracies']:.2f}", flush=True)
     return str(model.save_pretrained(out_dir))
-
-
-def response_logprob(model, tok, pairs, names, w, alpha_0, alpha_tilde, key):
-    """[N] log pi_w(response | prompt) of pairs[i][key] under the composed policy."""
-    import torch
-
-    from qcore.compose import composed_logits
-    from qcore.data import encode_prompt
-
-    seqs, starts = [], []
-    for p in pairs:
-        prompt = encode_prompt(p["prompt"], tok)
-        resp = tok(p[key], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(prompt + resp)
-        starts.append(len(prompt))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):  # right padded: full-sequence scoring
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    logits = composed_logits(model, ids, mask, names, w, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
-    logp = torch.log_softmax(logits, -1)
-    out = []
-    for i, s in enumerate(seqs):
-        pos = torch.arange(starts[i] - 1, len(s) - 1)
-        out.append(logp[i, pos, ids[i, pos + 1]].sum().item())
-    return torch.tensor(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--alpha-0", type=float, default=0.1)
-    ap.add_argument("--alpha-tilde", type=float, default=1.0)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--out", default="benchmarks/compose_demo")
+    ap.add_argument("--work", default="/tmp/qadapter-compose-demo", help="where the two adapters are saved")
     args = ap.parse_args(argv)
-    header("two-preference composition demo", model=args.model, steps=args.steps)
+    header("two-preference composition demo", model=args.model, steps=args.steps, lr=args.lr, batch=args.batch)
     import torch
     from transformers import AutoTokenizer
 
+    from qcore import metrics
     from qcore.base_models import resolve_model_path
-    from qcore.compose import load_adapters, weight_sweep
+    from qcore.compose import composed_pair_scores, load_adapters, weight_sweep
+    from qcore.data import tokenize_pair
 
     torch.set_num_threads(args.threads)
     base = resolve_model_path(args.model)
     tok = AutoTokenizer.from_pretrained(base)
-    rng = random.Random(0)
-    prompts = [f"tell me about {t}" for t in TOPICS]
-    train_p, test_p = prompts[:24], prompts[24:]
-    out = Path(args.out)
+    train_p, test_p = prompts_of(TOPICS[:24]), prompts_of(TOPICS[24:])  # held-out topics
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dirs = {}
-    for pref in ("affirm", "color"):
-        print(f"== training {pref}", flush=True)
-        dirs[pref] = train_adapter(base, pairs_for(pref, train_p, rng), tok, args.steps, args.lr, args.batch,
-                                   1 if pref == "affirm" else 2, out / pref, args.alpha_0, args.alpha_tilde)
+    for i, pref in enumerate(PREFS):
+        print(f"== training {pref} ({args.steps} steps x {args.batch} pairs)", flush=True)
+        dirs[pref] = train_adapter(base, pairs_for(pref, train_p, random.Random(i)), tok, args.steps, args.lr,
+                                   args.batch, i + 1, work / pref)
     train_s = time.perf_counter() - t0
     model = load_adapters(base, dirs)
-    names = list(dirs)
-    test_pairs = {pref: pairs_for(pref, test_p, random.Random(1)) for pref in names}
-    ts = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
-    grid = sorted({(t, 0.0) for t in ts} | {(0.0, t) for t in ts} | {(1 - t, t) for t in ts[:5]} | {(1.0, 1.0)})
-    oracles = {"affirm": lambda p, a: float(a.lower().startswith("yes")),
-               "color": lambda p, a: float(a.lower().rstrip(" .!").endswith("blue"))}
-    rows = weight_sweep(model, tok, test_p, names, [list(w) for w in grid], oracles, alpha_0=args.alpha_0,
-                        alpha_tilde=args.alpha_tilde, max_new_tokens=16)
-    for r, w in zip(rows, grid):
-        for pref in names:
-            lc, lr_ = (response_logprob(model, tok, test_pairs[pref], names, list(w), args.alpha_0,
-                                        args.alpha_tilde, key) for key in ("chosen", "rejected"))
-            r[f"{pref}_pair_acc"] = float((lc > lr_).float().mean())
-            r[f"{pref}_margin"] = float((lc - lr_).mean())
-        r["example"] = r["answers"][0]
-        del r["answers"]
-        print("   " + json.dumps(r), flush=True)
-    (out / "rows.json").write_text(json.dumps({"rows": rows, "train_s": round(train_s, 1), "model": args.model,
-                                               "steps": args.steps}, indent=2))
+    a0, at = model.q_config.alpha_0, model.q_config.alpha_tilde
+    ts = [0.0, 0.5, 1.0, 1.5]
+    paths = {"w_affirm = t, w_color = 0": [(t, 0.0) for t in ts], "w_affirm = 0, w_color = t": [(0.0, t) for t in ts],
+             "w_affirm = w_color = t": [(t, t) for t in ts]}
+    grid = sorted({w for ws in paths.values() for w in ws})
+    t1 = time.perf_counter()
+    pair_rows = {pref: [tokenize_pair(p, tok, 128, 96) for p in pairs_for(pref, test_p, random.Random(9))]
+                 for pref in PREFS}
+    scores = {pref: composed_pair_scores(model, rows, list(PREFS), grid, pad_token_id=tok.pad_token_id)
+              for pref, rows in pair_rows.items()}
+    swept = weight_sweep(model, tok, test_p, list(PREFS), [list(w) for w in grid], {},
+                         max_new_tokens=args.max_new_tokens)
+    score_s = time.perf_counter() - t1
+    rows = []
+    kw = {"n_resamples": 1000, "confidence": 0.95, "seed": 0}
+    for i, w in enumerate(grid):
+        r = {"weights": dict(zip(PREFS, w)), "examples": swept[i]["answers"][:3]}
+        for pref in PREFS:
+            lc, lr_ = scores[pref][i]
+            r[f"{pref}_pair_acc"] = metrics.mean_interval(metrics.pair_outcomes(lc, lr_), **kw)
+            r[f"{pref}_margin"] = metrics.mean_interval([a - b for a, b in zip(lc, lr_)], **kw)
+            r[f"{pref}_shown"] = metrics.mean_interval([float(SHOWS[pref](a)) for a in swept[i]["answers"]], **kw)
+        rows.append(r)
+        print("   " + json.dumps({k: (v["value"] if isinstance(v, dict) and "value" in v else v)
+                                  for k, v in r.items()}), flush=True)
+    info = {"model": args.model, "steps": args.steps, "lr": args.lr, "batch": args.batch, "alpha_0": a0,
+            "alpha_tilde": at, "n_test_pairs": len(test_p), "n_train_pairs": len(train_p), "train_s": round(train_s, 1),
+            "score_s": round(score_s, 1), "load": loadavg()}
+    (out / "rows.json").write_text(json.dumps({**info, "rows": rows}, indent=2))
+
+    def cell(iv):
+        return f"{iv['value']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
+
+    md = ["| w_affirm | w_color | affirm pair acc | affirm margin | color pair acc | color margin | "
+          "answers 'Yes...' | answers '...blue.' |", "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['weights']['affirm']:g} | {r['weights']['color']:g} | {cell(r['affirm_pair_acc'])} | "
+           f"{cell(r['affirm_margin'])} | {cell(r['color_pair_acc'])} | {cell(r['color_margin'])} | "
+           f"{cell(r['affirm_shown'])} | {cell(r['color_shown'])} |" for r in rows]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    paths = [("w_affirm = t, w_color = 0", lambda w, t: w == (t, 0.0), ts),
-             ("w_affirm = 0, w_color = t", lambda w, t: w == (0.0, t), ts),
-             ("w_affirm = 1 - t, w_color = t", lambda w, t: w == (1 - t, t), ts[:5])]
-    for ax, (title, match, tgrid) in zip(axes, paths):
-        for pref, style in (("affirm", "o-"), ("color", "s-")):
-            for metric, alpha in ((f"{pref}_margin", 1.0),):
-                ys = [next(r[metric] for r, w in zip(rows, grid) if match(w, t)) for t in tgrid]
-                ax.plot(tgrid, ys, style, alpha=alpha, label=f"{pref}: mean log-ratio chosen/rejected")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("t")
-    axes[0].set_ylabel("held-out preference margin (nats)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Composing two Q-Adapters ({args.model}, alpha_0={args.alpha_0}, alpha_tilde={args.alpha_tilde})")
+    fig, axes = plt.subplots(3, 3, figsize=(13, 10), sharex=True)
+    for col, (title, ws) in enumerate(paths.items()):
+        for row, (metric, label) in enumerate((("pair_acc", "held-out pair accuracy"),
+                                               ("margin", "held-out margin (nats/token)"),
+                                               ("shown", "share of greedy answers showing it"))):
+            ax = axes[row][col]
+            for pref, style in zip(PREFS, ("o-", "s-")):
+                ivs = [next(r for r in rows if tuple(r["weights"].values()) == w)[f"{pref}_{metric}"] for w in ws]
+                ys = [iv["value"] for iv in ivs]
+                ax.errorbar(ts, ys, yerr=[[y - iv["low"] for y, iv in zip(ys, ivs)],
+                                          [iv["high"] - y for y, iv in zip(ys, ivs)]], fmt=style, capsize=3,
+                            label=f"{pref} preference")
+            ax.axhline({"pair_acc": 0.5, "margin": 0.0}.get(metric, 0.0), color="grey", lw=0.5)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(title, fontsize=10)
+            if row == 2:
+                ax.set_xlabel("t")
+            if col == 0:
+                ax.set_ylabel(label)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Composing two Q-Adapters ({args.model}, alpha_0={a0:g}, alpha_tilde={at:g}; {len(test_p)} held-out "
+                 f"pairs per preference, bars: 95% bootstrap intervals)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "compose_demo.png", dpi=110)
-    print(f"   wrote {out / 'compose_demo.png'} and {out / 'rows.json'}; train {train_s:.0f} s; load {loadavg()}")
+    fig.savefig(out / "compose_demo.png", dpi=100)
+    print(f"   wrote {out}/compose_demo.png, table.md, rows.json; train {train_s:.0f} s, scoring {score_s:.0f} s; "
+          f"load {loadavg()}")
     return 0
 
 

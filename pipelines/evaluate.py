@@ -26,6 +26,13 @@ Answers are generated (greedy, two-pass ``QAdapterModel.generate``) only when a 
 during decoding. Held-out prompts: ``eval.prompts_file`` when set, else the prompts of the run's own eval split
 (never another run's files); none found = one line in ``notes``, the generation judges' columns stay empty.
 
+Composition: with ``eval.compose.adapters`` (methods of this run, NAME=DIR or DIRs), those adapters are loaded on
+one base and decoded from pi_w = softmax((z_base + sum_i w_i (Q_i - z_base) + alpha_0 log pi_pre) / alpha_tilde)
+for each weight vector of ``eval.compose.grid`` (``compose_sweep``, one Ray task): per adapter, the pairs judge on
+its held-out pairs (``eval.compose.pairs``; the run's split for a method of this run), and with the oracle judge
+pref_score / win_rate of greedy answers to the held-out prompts; results.json "compose" {"names" (in order),
+"rows": [{"weights", "pairs": {name: {pair_accuracy, pair_margin, ci}}, "pref_score", "win_rate", "ci"}], ...}.
+
 Forgetting: with ``eval.lm_eval.tasks``, every policy runs through lm-evaluation-harness
 (``pipelines.forgetting.lm_eval_policies``); per task its score, and retention = policy score / base score; the
 mean retention over tasks is the capability axis of the report's Pareto plot. No tasks = one line in ``notes``.
@@ -41,7 +48,8 @@ actor reloads the model only when its rows move on to another adapter. A pair ba
 (``q_and_base_logits``; the adapter-off pass is skipped where alpha_0 = 0).
 
 Outputs in ``out_dir``: results.json ({"methods": {name: metrics}, "dial": [...], "notes": [...], ...}),
-pair_scores.jsonl (per policy and pair), generations.jsonl (per policy and prompt, when answers were generated).
+pair_scores.jsonl (per policy and pair), generations.jsonl (per policy and prompt, when answers were generated),
+compose_generations.jsonl (per weight vector and prompt, eval.compose with the oracle).
 """
 from __future__ import annotations
 
@@ -506,6 +514,136 @@ def _remote(fn, use_gpu: bool):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# eval.compose: a weight sweep over several adapters composed on one base (qcore.compose)
+# ----------------------------------------------------------------------------------------------------------------
+def compose_adapters(cfg: Config, adapters: dict[str, str]) -> dict[str, str]:
+    """eval.compose.adapters -> {name: adapter dir}: a method of this run is its trained adapter."""
+    out = {}
+    for i, (name, method, path) in enumerate(cfg.eval.compose.entries()):
+        if method is not None and method not in adapters:
+            raise ValueError(f"config key 'eval.compose.adapters[{i}]' = {method!r}: not a method of this run "
+                             f"(its adapters: {sorted(adapters)}); give another run's adapter as NAME=DIR")
+        out[name] = resolve_adapter_dir(adapters[method] if method is not None else path)
+    return out
+
+
+def load_pair_source(source: str, tokenizer, cfg: Config) -> list[dict]:
+    """Held-out pairs for one composed adapter: a preprocess output dir (its eval/ split) or a JSONL file of pair
+    records in any format preprocess reads (tokenized here, with data.* lengths). The first eval.max_pairs."""
+    from qcore.data import InvalidRecord, preprocess_record
+
+    if str(source).endswith((".jsonl", ".json")):
+        rows = []
+        for n, rec in enumerate(read_jsonl(source), 1):
+            try:
+                rows += preprocess_record(rec, tokenizer, cfg.data)
+            except InvalidRecord as err:
+                raise ValueError(f"{source}:{n}: not a usable pair: {err}") from None
+    else:
+        rows = read_eval_pairs(source)
+        if rows is None:
+            raise FileNotFoundError(f"eval.compose pairs {source!r}: no eval/ split in it (a preprocess output dir) "
+                                    f"and not a .jsonl file")
+    return rows[: cfg.eval.max_pairs] if cfg.eval.max_pairs > 0 else rows
+
+
+def _compose_task(base_path: str, dtype: str, trust_remote_code: bool, device: str, num_threads: int,
+                  dirs: dict[str, str], pair_sets: dict[str, list[dict]], prompts: list[Any],
+                  grid: list[list[float]], alpha_0: float, alpha_tilde: float, max_new_tokens: int, batch_size: int,
+                  chunk_size: int) -> list[dict]:
+    """Per weight vector: {"pairs": {name: (chosen, rejected) mean log-probs}, "answers": greedy answers}."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipelines.common import is_uri, local_copy
+    from qcore.base_models import resolve_model_path
+    from qcore.compose import composed_pair_scores, load_adapters, weight_sweep
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    base = resolve_model_path(base_path)
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = load_adapters(base, {n: local_copy(d) if is_uri(d) else d for n, d in dirs.items()}, dtype=dtype,
+                          trust_remote_code=trust_remote_code, device=device)
+    names = list(dirs)
+    swept = weight_sweep(model, tok, prompts, names, grid, {}, alpha_0=alpha_0, alpha_tilde=alpha_tilde,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size) if prompts else [{}] * len(grid)
+    pairs = {n: composed_pair_scores(model, rows, names, grid, alpha_0, alpha_tilde, tok.pad_token_id, batch_size,
+                                     chunk_size) for n, rows in pair_sets.items()}
+    return [{"pairs": {n: scores[i] for n, scores in pairs.items()}, "answers": s.get("answers", [])}
+            for i, s in enumerate(swept)]
+
+
+def compose_sweep(cfg: Config, adapters: dict[str, str], data_dir: Optional[str], prompts: list[Any],
+                  base_oracle: Optional[list[float]], notes: list[str], num_threads: int) -> tuple[dict, list[str]]:
+    """eval.compose -> (results["compose"], compose_generations.jsonl lines). Every grid row is scored with the
+    pairs judge on each adapter's held-out pairs (eval.compose.pairs.NAME; a method of this run: the run's split)
+    and, when eval.judges has oracle, with the oracle on greedy answers to the held-out prompts (win_rate against
+    the base policy's answers); each number with its bootstrap interval."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from qcore import metrics, oracle
+    from qcore.base_models import resolve_model_path
+
+    t0 = time.perf_counter()
+    c = cfg.eval.compose
+    dirs = compose_adapters(cfg, adapters)
+    dials = {n: (0.0, 1.0) for n in dirs}  # the policy a non-Q-Adapter objective stands for: softmax(Q)
+    for n, d in dirs.items():
+        if adapter_objective(d) == "qadapter":
+            q = saved_q_config(d)
+            dials[n] = (q.alpha_0, q.alpha_tilde)
+    first = next(iter(dials.values()))
+    a0 = float(first[0] if c.alpha_0 is None else c.alpha_0)
+    at = float(first[1] if c.alpha_tilde is None else c.alpha_tilde)
+    if len(set(dials.values())) > 1:
+        notes.append(f"eval.compose: the adapters were trained at different (alpha_0, alpha_tilde) {dials}; the rule "
+                     f"assumes one pair of constants (docs/method.md, 'Composing preferences')")
+    sources: dict[str, str] = {}
+    pair_sets: dict[str, list[dict]] = {}
+    if "pairs" in cfg.eval.judges:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path),
+                                            trust_remote_code=cfg.model.trust_remote_code)
+        for name, method, _ in c.entries():
+            src = c.pairs.get(name) or (data_dir if method is not None else None)
+            if not src:
+                notes.append(f"eval.compose: no held-out pairs for adapter '{name}' (eval.compose.pairs.{name}): "
+                             f"no pair columns for it")
+                continue
+            sources[name] = src
+            pair_sets[name] = load_pair_source(src, tok, cfg)
+    grid = c.weight_grid()
+    use_gpu = bool(cfg.train.use_gpu)
+    raw = ray.get(_remote(_compose_task, use_gpu).remote(
+        cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, "cuda" if use_gpu else "cpu",
+        0 if use_gpu else num_threads, dirs, pair_sets, prompts if base_oracle is not None else [], grid, a0, at,
+        cfg.eval.max_new_tokens, max(1, cfg.eval.batch_size), cfg.q.chunk_size))
+    stats = _Stats(cfg)
+    rows, lines = [], []
+    for w, rec in zip(grid, raw):
+        row: dict[str, Any] = {"weights": dict(zip(dirs, w)), "pairs": {}}
+        for name, (lc, lr) in rec["pairs"].items():
+            m: dict[str, Any] = {"n_pairs": len(lc)}
+            stats.mean(m, "pair_accuracy", metrics.pair_outcomes(lc, lr), None)
+            stats.mean(m, "pair_margin", [a - b for a, b in zip(lc, lr)], None)
+            row["pairs"][name] = m
+        if rec["answers"]:
+            s = [float(oracle.score(p if isinstance(p, str) else _last_user(p), a))
+                 for p, a in zip(prompts, rec["answers"])]
+            row["n_prompts"] = len(s)
+            stats.mean(row, "pref_score", s, None)
+            stats.win(row, "win_rate", metrics.win_outcomes(s, base_oracle))
+            lines += [json.dumps({"weights": row["weights"], "idx": i, "prompt": p, "response": a,
+                                  "score_oracle": x}) for i, (p, a, x) in enumerate(zip(prompts, rec["answers"], s))]
+        rows.append(row)
+    return {"names": list(dirs), "adapters": dirs, "alpha_0": a0, "alpha_tilde": at, "pairs_sources": sources,
+            "rows": rows, "seconds": time.perf_counter() - t0}, lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Statistics per policy
 # ----------------------------------------------------------------------------------------------------------------
 class _Stats:
@@ -805,6 +943,12 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
     else:
         notes.append("forgetting: not measured (eval.lm_eval.tasks is empty): no lm-eval or retention columns")
 
+    compose, compose_lines = None, []
+    if cfg.eval.compose.adapters:
+        compose, compose_lines = compose_sweep(
+            cfg, adapters, data_dir, prompts, scores["oracle"]["p0"] if "oracle" in scores else None, notes,
+            max(1, min(os.cpu_count() or 1, int(ray.cluster_resources().get("CPU", 1)))))
+
     per_policy = policy_metrics(cfg, policies, pair_rows, gen_rows, scores, lm, notes)
     notes = list(dict.fromkeys(notes))  # one line per missing setting, however many policies met it
     for pid, c in consistency.items():  # the share of prompts whose two judged orders agree
@@ -839,6 +983,7 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
     results = {
         "methods": methods,
         "dial": dial,
+        "compose": compose,
         "judges": judges,
         "preference_key": JUDGE_COLUMNS[first][0] if first else None,
         "capability_key": "retention" if lm else None,
@@ -860,12 +1005,15 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
         "results_path": f"{out_dir}/results.json",
         "pair_scores_path": f"{out_dir}/pair_scores.jsonl" if pair_lines else None,
         "generations_path": f"{out_dir}/generations.jsonl" if gen_lines else None,
+        "compose_generations_path": f"{out_dir}/compose_generations.jsonl" if compose_lines else None,
     }
     results = _json_safe(results)
     if pair_lines:
         write_text(f"{out_dir}/pair_scores.jsonl", "\n".join(pair_lines) + "\n")
     if gen_lines:
         write_text(f"{out_dir}/generations.jsonl", "\n".join(gen_lines) + "\n")
+    if compose_lines:
+        write_text(f"{out_dir}/compose_generations.jsonl", "\n".join(compose_lines) + "\n")
     write_text(f"{out_dir}/results.json", json.dumps(results, indent=2, sort_keys=True))
     for n in notes:
         log.warning("evaluate: %s", n)

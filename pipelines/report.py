@@ -14,14 +14,15 @@
     }
 
 A top-level "methods"/"dial" (an evaluate results dict given directly) is accepted in place of "evaluate".
-Outputs in ``out_dir``: report.json, report.md, and plots/{pareto,training_curves,tune_pareto}.png (a plot whose
-inputs are missing is skipped and the reason is written in report.json's "notes").
+Outputs in ``out_dir``: report.json, report.md, and plots/{pareto,training_curves,tune_pareto,compose}.png (a plot
+whose inputs are missing is skipped and the reason is written in report.json's "notes").
 
 The tables show what happened, whatever the ordering of the methods: each number with its 95% interval
 (bootstrap over items, from the evaluation's "ci"), and each difference against the base (paired bootstrap, its
 "vs_base") marked "within noise" when its interval contains 0. The Pareto plot puts every method at
 (retention, preference): x = capability relative to the base (lm-eval), y = the first judge's preference measure,
-error bars = the intervals, the Q-Adapter's dial settings joined as a curve.
+error bars = the intervals, the Q-Adapter's dial settings joined as a curve. With the evaluation's eval.compose sweep:
+a table of every weight vector's scores and plots/compose.png (each preference's score vs the weights).
 """
 from __future__ import annotations
 
@@ -297,6 +298,71 @@ def plot_pareto(methods: dict[str, dict], dial: list[dict], ykey: str, path: Pat
     return f"y: {ykey}; x: " + " | ".join(k for k, _ in panels) + "; bars: 95% bootstrap intervals"
 
 
+def _compose_scores(compose: dict) -> list[tuple[str, str, Optional[str]]]:
+    """The sweep's scores as (label, key, adapter or None): each adapter's pair accuracy, then the oracle's."""
+    rows = compose.get("rows") or []
+    out = [(f"pair_accuracy ({n})", "pair_accuracy", n) for n in compose.get("names") or []
+           if any(n in (r.get("pairs") or {}) for r in rows)]
+    out += [(f"oracle {k}", k, None) for k in ("win_rate", "pref_score") if any(_is_num(r.get(k)) for r in rows)]
+    return out
+
+
+def _compose_point(row: dict, adapter: Optional[str]) -> dict:
+    """Where a sweep row keeps a score: under "pairs"/<adapter> for a pair column, in the row for the oracle's."""
+    return ((row.get("pairs") or {}).get(adapter) or {}) if adapter else row
+
+
+def plot_compose(compose: dict, path: Path) -> str:
+    """Each preference's score (interval bars) at every weight vector of the sweep: x = the weight of a single
+    adapter, else the grid rows in order, labelled by their weights."""
+    plt = _plt()
+    rows = compose.get("rows") or []
+    names = list(compose.get("names") or [])
+    scores = [s for s in _compose_scores(compose) if s[1] != "pref_score"]  # a [0, 1] axis: accuracies, win rate
+    if not rows or not scores:
+        raise ValueError("the composition sweep has no pairs or oracle scores")
+    one = len(names) == 1
+    xs = [r["weights"][names[0]] for r in rows] if one else list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4.5))
+    for label, key, adapter in scores:
+        pts = [_compose_point(r, adapter) for r in rows]
+        ys, cis = [_num(p.get(key)) for p in pts], [_ci(p, key) for p in pts]
+        bars = [[y - lo if _is_num(lo) else 0.0 for y, (lo, _) in zip(ys, cis)],
+                [hi - y if _is_num(hi) else 0.0 for y, (_, hi) in zip(ys, cis)]]
+        ax.errorbar(xs, ys, yerr=bars, fmt="o-", capsize=3, label=label)
+    ax.axhline(0.5, color="lightgray", lw=1, zorder=1)
+    if one:
+        ax.set_xlabel(f"weight of {names[0]}")
+    else:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([", ".join(f"{r['weights'][n]:g}" for n in names) for r in rows], rotation=30, fontsize=8)
+        ax.set_xlabel("weights (" + ", ".join(names) + ")")
+    ax.set_ylabel("score (bars: 95% intervals)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"Composed adapters, alpha_0={compose.get('alpha_0'):g}, alpha_tilde={compose.get('alpha_tilde'):g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return "y: " + ", ".join(label for label, _, _ in scores) + "; x: " + (
+        f"the weight of {names[0]}" if one else "the weight vectors of eval.compose.grid") + "; bars: 95% intervals"
+
+
+def compose_table(compose: dict) -> list[str]:
+    """One line per weight vector: the weights, then every score with its interval."""
+    names = list(compose.get("names") or [])
+    scores = _compose_scores(compose)
+    extra = [(f"pair_margin ({a})", "pair_margin", a) for _, k, a in scores if k == "pair_accuracy"]
+    scores = [s for s in scores if s[2]] + extra + [s for s in scores if not s[2]]
+    lines = ["| " + " | ".join(f"w {n}" for n in names) + " | " + " | ".join(s[0] for s in scores) + " |",
+             "|" + "---|" * (len(names) + len(scores))]
+    for r in compose.get("rows") or []:
+        lines.append("| " + " | ".join(_fmt(r["weights"].get(n)) for n in names) + " | "
+                     + " | ".join(_cell(_compose_point(r, a), k) for _, k, a in scores) + " |")
+    return lines
+
+
 def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> str:
     plt = _plt()
     keys = [k for k in CURVE_KEYS if any(k in r for h in histories.values() for r in h)]
@@ -517,6 +583,15 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
         notes.append(f"Pareto plot not drawn: {err}")
         plots["pareto"] = None
 
+    compose = ev.get("compose") or None
+    if compose:
+        try:
+            plot_desc["compose"] = plot_compose(compose, plots_dir / "compose.png")
+            plots["compose"] = "plots/compose.png"
+        except ValueError as err:
+            notes.append(f"composition plot not drawn: {err}")
+            plots["compose"] = None
+
     histories, training = {}, {}
     for name, src in _history_sources(results).items():
         try:
@@ -565,6 +640,7 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
         "model": cfg.model.path,
         "methods": methods,
         "dial": dial,
+        "compose": compose,
         "preference_key": pref,
         "training": training,
         "tune": tune_info,
@@ -600,6 +676,13 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
     if dial:
         md += ["## Dial (one Q-Adapter at several inference settings, no retraining)", "", *dial_table(dial, cols),
                ""]
+    if compose:
+        srcs = ", ".join(f"{n}: `{src}`" for n, src in (compose.get("pairs_sources") or {}).items()) or "none"
+        md += ["## Composition (several adapters on one base, no retraining)", "",
+               f"pi_w = softmax((z_base + sum_i w_i (Q_i - z_base) + alpha_0 log pi_pre) / alpha_tilde), alpha_0 = "
+               f"{_fmt(compose.get('alpha_0'))}, alpha_tilde = {_fmt(compose.get('alpha_tilde'))}; pair columns: "
+               f"each adapter's own held-out pairs ({srcs}); oracle columns: greedy answers to the held-out prompts.",
+               "", *compose_table(compose), ""]
     lm_rows = lm_eval_table([*methods.items(), *[(d.get("name", d.get("method")), d) for d in dial]])
     if lm_rows:
         md += ["## Forgetting (lm-evaluation-harness)", "", "retention = policy score / base score on the same "

@@ -70,25 +70,59 @@ def load_adapters(base_path: str, adapters: Mapping[str, str], dtype="float32", 
     return model.to(device) if device is not None else model
 
 
-def composed_logits(model, input_ids, attention_mask, adapters: Sequence[str], weights, alpha_0=None,
-                    alpha_tilde=None):
-    """Full-sequence (no cache) logits of the composed policy, [B, L, V] float32: scoring, tests. weights: [K] or
-    [B, K]."""
-    from qcore.generation import BASE_ROWS, compose
+def _blocks(model, input_ids, attention_mask, adapters: Sequence[str]):
+    """One mixed-adapter forward: ([Q_i] per adapter, z_base), each [B, L, V] float32, no cache."""
     from qcore.data import positions_from_mask
+    from qcore.generation import BASE_ROWS
 
     b, k = input_ids.shape[0], len(adapters)
-    w = torch.as_tensor(weights, dtype=torch.float32)
-    w = w.expand(b, k) if w.dim() == 1 else w
     rows = [n for n in adapters for _ in range(b)] + [BASE_ROWS] * b
     pos = positions_from_mask(attention_mask)
     with torch.no_grad(), model.eval_mode(), model.mixed_adapters(rows):
         out = model.peft_model(input_ids=input_ids.repeat(k + 1, 1), attention_mask=attention_mask.repeat(k + 1, 1),
                                position_ids=pos.repeat(k + 1, 1), use_cache=False).logits.float()
     blocks = out.split(b)
-    base = blocks[k]
-    z = compose(blocks[:k], base, w)
-    return model.customized_logits(z, base, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+    return blocks[:k], blocks[k]
+
+
+def _policy(model, qs, base, weights, alpha_0, alpha_tilde):
+    from qcore.generation import compose
+
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    w = w.expand(base.shape[0], len(qs)) if w.dim() == 1 else w
+    return model.customized_logits(compose(qs, base, w), base, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+
+
+def composed_logits(model, input_ids, attention_mask, adapters: Sequence[str], weights, alpha_0=None,
+                    alpha_tilde=None):
+    """Full-sequence (no cache) logits of the composed policy, [B, L, V] float32: scoring, tests. weights: [K] or
+    [B, K]."""
+    qs, base = _blocks(model, input_ids, attention_mask, adapters)
+    return _policy(model, qs, base, weights, alpha_0, alpha_tilde)
+
+
+def composed_pair_scores(model, rows: Sequence[Mapping], adapters: Sequence[str], grid: Sequence[Sequence[float]],
+                         alpha_0=None, alpha_tilde=None, pad_token_id: int = 0, batch_size: int = 8,
+                         chunk_size: int = 128) -> list[tuple[list[float], list[float]]]:
+    """Tokenized pair rows (qcore.data.tokenize_pair) -> per weight vector of ``grid``, (chosen, rejected): per pair
+    the mean per-token log-prob of each response under that composed policy, the pairs judge's score
+    (pipelines/evaluate.py policy_logprobs). One forward per batch serves every weight vector (pi_w is a function
+    of the K + 1 logit blocks)."""
+    from qcore.data import collate_pairs
+    from qcore.losses import loss_mask, token_logprobs
+
+    out: list[tuple[list[float], list[float]]] = [([], []) for _ in grid]
+    for start in range(0, len(rows), batch_size):
+        batch = collate_pairs(list(rows[start:start + batch_size]), pad_token_id)
+        ids, att = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        qs, base = _blocks(model, ids, att, adapters)
+        mask = loss_mask(batch["response_mask"], "standard").to(base.device)
+        for (chosen, rejected), w in zip(out, grid):
+            logp = token_logprobs(_policy(model, qs, base, w, alpha_0, alpha_tilde), ids, chunk_size).float()
+            means = ((logp * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
+            chosen += means[: len(means) // 2]
+            rejected += means[len(means) // 2:]
+    return out
 
 
 def weight_sweep(model, tokenizer, prompts: Sequence, adapters: Sequence[str], grid: Sequence[Sequence[float]],

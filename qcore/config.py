@@ -137,6 +137,7 @@ class TrainConfig:
     max_failures: int = 0  # worker-group restarts Ray Train may make; -1 = retry without end
     resume_from: Optional[str] = None
     fail_at_step: int = -1  # fault injection for tests: rank 0 calls os._exit at this step, once
+    nan_at_step: int = -1  # fault injection for tests: from this step on the reported losses are NaN (diverged)
     # ZeRO-3: build the base model already partitioned (transformers' HfDeepSpeedConfig -> deepspeed.zero.Init and a
     # partitioned checkpoint load), so no worker holds all of it; false = each worker loads it whole first
     zero_init: bool = True
@@ -185,6 +186,43 @@ class LmEvalConfig:
 
 
 @dataclass
+class ComposeConfig:
+    """eval.compose: a weight sweep over several Q-Adapters composed on one base (qcore.compose, docs/method.md
+    "Composing preferences"); off while ``adapters`` is empty."""
+
+    adapters: list[str] = field(default_factory=list)  # a method of this run (qadapter), NAME=DIR, or an adapter DIR
+    pairs: dict[str, str] = field(default_factory=dict)  # adapter name -> its held-out pairs (preprocess dir | jsonl)
+    grid: list[list[float]] = field(default_factory=list)  # weight vectors, one weight per adapter; [] = 0, e_i, 1
+    alpha_0: Optional[float] = None  # None = the first adapter's trained alpha_0
+    alpha_tilde: Optional[float] = None  # None = the first adapter's trained alpha_tilde
+
+    def entries(self) -> list[tuple[str, Optional[str], Optional[str]]]:
+        """Per adapter (name, method of this run | None, DIR | None): a plain word is a method (its name), NAME=DIR
+        is named NAME, a bare DIR by its last folder that is not adapter/checkpoint."""
+        out = []
+        for item in self.adapters:
+            if "=" in item:
+                name, path = item.split("=", 1)
+                out.append((name, None, path))
+            elif "/" not in item and "\\" not in item:
+                out.append((item, item, None))
+            else:
+                parts = [p for p in item.replace("\\", "/").split("/") if p]
+                out.append((next((p for p in reversed(parts) if p not in ("adapter", "checkpoint")), ""), None, item))
+        return out
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.entries()]
+
+    def weight_grid(self) -> list[list[float]]:
+        """``grid``, or by default: all weights 0, each adapter alone at 1, all at 1."""
+        k = len(self.adapters)
+        if self.grid:
+            return [list(map(float, w)) for w in self.grid]
+        return [[0.0] * k] + [[float(i == j) for j in range(k)] for i in range(k)] + ([[1.0] * k] if k > 1 else [])
+
+
+@dataclass
 class EvalConfig:
     JUDGES = ("pairs", "oracle", "reward_model", "llm_judge")  # eval.judges' names (a class constant, not a key)
     enabled: bool = True
@@ -208,6 +246,7 @@ class EvalConfig:
     judge_api_key_env: str = "OPENAI_API_KEY"  # llm_judge: the environment variable holding the endpoint's key
     judge_criterion: str = "Which response is more helpful, honest and harmless?"
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)  # weight sweep of composed adapters (off: [])
     bootstrap_samples: int = 1000  # resamples for every 95% interval
     confidence: float = 0.95
 
@@ -351,7 +390,7 @@ class Config:
         ]
 
     def _check_lists(self) -> None:
-        """eval.methods, eval.dial and tune.space, item by item: one error naming the item."""
+        """eval.methods, eval.dial, eval.compose and tune.space, item by item: one error naming the item."""
         for i, method in enumerate(self.eval.methods):
             if method not in ("base", "qadapter", "dpo", "sft", "replay"):
                 raise ConfigError(f"config key 'eval.methods[{i}]' = {method!r}: must be qadapter|dpo|sft|replay "
@@ -367,6 +406,7 @@ class Config:
                     raise ConfigError(f"config key '{where}.{k}' = {v!r}: must be a finite number")
             if setting.get("alpha_0", 0) < 0 or setting.get("alpha_tilde", 1) <= 0:
                 raise ConfigError(f"config key '{where}' = {setting!r}: needs alpha_0 >= 0 and alpha_tilde > 0")
+        self._check_compose()
         for key, spec in self.tune.space.items():
             where = f"tune.space.{key}"
             _get(self, key)  # every searched key must exist
@@ -383,6 +423,41 @@ class Config:
                 ok, why = False, "expected {type: choice|grid|uniform|loguniform|randint, ...}"
             if not ok:
                 raise ConfigError(f"config key '{where}' = {spec!r}: {why}")
+
+    def _check_compose(self) -> None:
+        """eval.compose: each adapter a method name, NAME=DIR or a DIR, names distinct; each grid row one finite
+        weight per adapter; the dial in range; a judge that can score a composed policy (pairs, oracle)."""
+        c = self.eval.compose
+        if not c.adapters:
+            for key in ("pairs", "grid"):
+                if getattr(c, key):
+                    raise ConfigError(f"config key 'eval.compose.{key}' = {getattr(c, key)!r}: set "
+                                      f"eval.compose.adapters too (empty = no composition sweep)")
+            return
+        names = c.names()
+        for i, (item, (name, method, path)) in enumerate(zip(c.adapters, c.entries())):
+            if (method is not None and method not in ("qadapter", "dpo", "sft", "replay")) or not name \
+                    or "." in name or name in ("base", "__base__") or path == "":
+                raise ConfigError(f"config key 'eval.compose.adapters[{i}]' = {item!r}: must be a method of this run "
+                                  f"(qadapter|dpo|sft|replay), NAME=DIR or an adapter DIR (a name without '.', not "
+                                  f"'base')")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"config key 'eval.compose.adapters' = {c.adapters!r}: a name is used twice {names}")
+        for name in c.pairs:
+            if name not in names:
+                raise ConfigError(f"config key 'eval.compose.pairs.{name}': not one of eval.compose.adapters {names}")
+        for i, w in enumerate(c.grid):
+            if len(w) != len(names) or not all(math.isfinite(x) for x in w):
+                raise ConfigError(f"config key 'eval.compose.grid[{i}]' = {w!r}: needs {len(names)} finite weights "
+                                  f"(one per adapter of eval.compose.adapters)")
+        for key, ok in (("alpha_0", c.alpha_0 is None or (math.isfinite(c.alpha_0) and c.alpha_0 >= 0)),
+                        ("alpha_tilde", c.alpha_tilde is None or (math.isfinite(c.alpha_tilde) and c.alpha_tilde > 0))):
+            if not ok:
+                raise ConfigError(f"config key 'eval.compose.{key}' = {getattr(c, key)!r}: must be null or a finite "
+                                  f"number {'>= 0' if key == 'alpha_0' else '> 0'}")
+        if not {"pairs", "oracle"} & set(self.eval.judges):
+            raise ConfigError(f"config key 'eval.compose.adapters': the sweep is scored by the pairs or oracle judge, "
+                              f"and eval.judges = {self.eval.judges!r} has neither")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
