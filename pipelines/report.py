@@ -574,23 +574,24 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
     plot_desc: dict[str, str] = {}
 
     pref = preference_key(ev, {**methods, **{f"dial{i}": d for i, d in enumerate(dial)}})
-    try:
+    def draw(name: str, what: str, plot) -> None:
+        """plot(path) -> description; a ValueError becomes a note and a missing plot, never a failed report."""
+        try:
+            plot_desc[name] = plot(plots_dir / f"{name}.png")
+            plots[name] = f"plots/{name}.png"
+        except ValueError as err:
+            notes.append(f"{what}: {err}")
+            plots[name] = None
+
+    def pareto(path):
         if pref is None:
             raise ValueError("no preference measure in the evaluation (eval.judges)")
-        plot_desc["pareto"] = plot_pareto(methods, dial, pref, plots_dir / "pareto.png")
-        plots["pareto"] = "plots/pareto.png"
-    except ValueError as err:
-        notes.append(f"Pareto plot not drawn: {err}")
-        plots["pareto"] = None
+        return plot_pareto(methods, dial, pref, path)
 
+    draw("pareto", "Pareto plot not drawn", pareto)
     compose = ev.get("compose") or None
     if compose:
-        try:
-            plot_desc["compose"] = plot_compose(compose, plots_dir / "compose.png")
-            plots["compose"] = "plots/compose.png"
-        except ValueError as err:
-            notes.append(f"composition plot not drawn: {err}")
-            plots["compose"] = None
+        draw("compose", "composition plot not drawn", lambda path: plot_compose(compose, path))
 
     histories, training = {}, {}
     for name, src in _history_sources(results).items():
@@ -601,12 +602,7 @@ def report_stage(cfg: Config, results: dict[str, Any], out_dir: str) -> dict[str
         except (OSError, ValueError) as err:
             notes.append(f"training history of {name} unreadable ({err})")
     if histories:
-        try:
-            plot_desc["training_curves"] = plot_training_curves(histories, plots_dir / "training_curves.png")
-            plots["training_curves"] = "plots/training_curves.png"
-        except ValueError as err:
-            notes.append(f"training curves not plotted: {err}")
-            plots["training_curves"] = None
+        draw("training_curves", "training curves not plotted", lambda path: plot_training_curves(histories, path))
     else:
         notes.append("training curves not plotted: no train_histories given")
         plots["training_curves"] = None
