@@ -22,6 +22,7 @@ Checkpoints (every ``train.checkpoint_every`` steps and at the end), one directo
     adapter/                     rank 0: the PEFT adapter gathered from the ZeRO-3 shards + qadapter.json
     probe_logits.pt              rank 0: customized logits of the live (gathered) model on a fixed input
     trainer_state.json           rank 0: step, restarts, history of reported metrics, ZeRO partition sizes
+    rng/rank<r>.safetensors      every rank: its torch RNG state (dropout) at the checkpoint
 
 Partitioned loading (ZeRO-3, ``train.zero_init`` true): transformers' ``HfDeepSpeedConfig`` is alive while the base
 model is built, so ``from_pretrained`` constructs it inside ``deepspeed.zero.Init`` (each parameter partitioned as it
@@ -41,9 +42,16 @@ Seed: ``run.seed`` seeds the LoRA init, dropout and the training data order (Ray
 rank; the Ray Train run's name includes it, so a run with another seed never resumes this one's checkpoints.
 
 Resume: from ``ray.train.get_checkpoint()`` (a restart after a worker failure, ``train.max_failures``; also a re-run
-with the same config and output directory) or from ``train.resume_from`` (a checkpoint directory). Resuming needs the
-same number of workers (ZeRO shards are per rank). Fault injection for tests: ``train.fail_at_step = k`` makes rank 0
-``os._exit(1)`` right after optimizer step k, once (a marker file in the run's storage remembers it).
+with the same config and output directory) or from ``train.resume_from`` (a checkpoint directory). It restores the
+ZeRO shards (weights, AdamW state, schedule), the step (hence the data position: ``step * grad_accumulation``
+micro-batches into the seeded epoch order) and each rank's RNG state, so a resumed run ends with the adapter an
+uninterrupted one ends with (tests/test_resume.py). ``run.resume`` false: the earlier Ray Train run of this config in
+the output directory is removed first, and training starts from step 0. Resuming needs the same number of workers
+(ZeRO shards are per rank). Checkpoints are data, not code: DeepSpeed's files are unpickled weights-only (its
+``torch.load(weights_only=False)`` calls are forced weights-only while it loads; the allow-list is
+:func:`checkpoint_safe_globals`), so a file that would need any other object is refused by name and none of it runs.
+Fault injection for tests: ``train.fail_at_step = k`` makes rank 0 ``os._exit(1)`` right after optimizer step k, once
+(a marker file in the run's storage remembers it); ``train.nan_at_step = k`` reports NaN losses from step k on.
 
 CLI: ``python pipelines/train.py --config configs/tiny.yaml --data runs/<name>/preprocess [--out DIR] [--train.lr 1e-4]``
 """
@@ -74,6 +82,7 @@ logger = logging.getLogger("qadapter.train")
 
 STATE_FILE = "trainer_state.json"
 PROBE_FILE = "probe_logits.pt"
+RNG_SUBDIR = "rng"  # rank<r>.safetensors: that rank's torch RNG state (dropout) at the checkpoint
 ADAPTER_SUBDIR = "adapter"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
@@ -145,6 +154,116 @@ def _deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints are data, not code: every file a resume reads is unpickled with weights_only=True
+# ----------------------------------------------------------------------------------------------------------------
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something other than tensors and plain data (a pickled callable or class that
+    torch's weights-only unpickler does not allow): it is not loaded."""
+
+
+def checkpoint_safe_globals() -> list:
+    """The few non-tensor types DeepSpeed 0.19 pickles into the checkpoints this trainer writes, allowed by the
+    weights-only unpickler (nothing else is). Found by saving real ZeRO-2 and ZeRO-3 checkpoints and listing
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``: the optimizer shards hold a ``LossScaler`` and a
+    ``ZeroStageEnum``, ZeRO-2's also ``fragment_address``; the model-states files hold none."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str, map_location=None):
+    """``torch.load(path, weights_only=True)`` with :func:`checkpoint_safe_globals` allowed; a file that would
+    need any other global (e.g. a crafted ``__reduce__``) raises :class:`UnsafeCheckpointError` naming it."""
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message suggests weights_only=False; say only what the file asked for
+        found = re.search(r"GLOBAL (\S+) was not an allowed global|(\S+) is blocked|whose module (\S+) is blocked",
+                          str(err))
+        what = next((g for g in found.groups() if g), None) if found else None
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint file {path}: it needs "
+            + (f"the global {what!r}" if what else "an object")
+            + ", which is not a tensor, plain data or one of DeepSpeed's checkpoint types (a checkpoint is data, "
+            "never code: only files written by this trainer load)") from None
+
+
+class _WeightsOnlyLoads:
+    """While DeepSpeed's ``load_checkpoint`` runs: its checkpoint engine's ``load`` is :func:`safe_torch_load`
+    and any ``torch.load`` it makes directly is forced to weights_only (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which
+    overrides an explicit ``weights_only=False``), with the same allow-list."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __enter__(self):
+        import torch
+
+        ce = self.engine.checkpoint_engine
+        self.had_load = "load" in vars(ce)
+        self.old_load = vars(ce).get("load")
+        ce.load = safe_torch_load  # an instance attribute: save/commit stay DeepSpeed's
+        self.old_env = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        self.globals_ctx = torch.serialization.safe_globals(checkpoint_safe_globals())
+        self.globals_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.globals_ctx.__exit__(*exc)
+        if self.old_env is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = self.old_env
+        ce = self.engine.checkpoint_engine
+        if self.had_load:
+            ce.load = self.old_load
+        else:
+            del ce.load
+        return False
+
+
+def _rng_file(rank: int) -> str:
+    return os.path.join(RNG_SUBDIR, f"rank{rank}.safetensors")
+
+
+def save_rng_state(directory: str, rank: int, device) -> None:
+    """This rank's torch RNG state (the CPU generator; the GPU's too on a GPU) as uint8 tensors in a safetensors
+    file: restored on resume, so the dropout masks after the checkpoint are those an uninterrupted run draws."""
+    import torch
+    from safetensors.torch import save_file
+
+    states = {"cpu": torch.get_rng_state()}
+    if getattr(device, "type", "cpu") == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    os.makedirs(os.path.join(directory, RNG_SUBDIR), exist_ok=True)
+    save_file(states, os.path.join(directory, _rng_file(rank)))
+
+
+def restore_rng_state(directory: str, rank: int, device) -> bool:
+    """Set this rank's torch RNG state from a checkpoint; False when the checkpoint has none for this rank."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, _rng_file(rank))
+    if not os.path.exists(path):
+        return False
+    states = load_file(path)
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    return True
 
 
 def run_name(cfg: Config) -> str:
@@ -398,6 +517,22 @@ class _Tracker:
                       **config.get("tracking_tags", {})})
             # one batched call (setup_mlflow(config=...) would log the ~150 keys one request each)
             self.mlflow.log_params(tracking_params(cfg.to_dict()))
+            self._fail_stale_runs(uri, config["run_label"])
+
+    def _fail_stale_runs(self, uri: str, label: str) -> None:
+        """The MLflow runs of this Ray Train run that an earlier attempt left RUNNING (its worker was killed, so it
+        never ended them) end as FAILED: one search query per attempt."""
+        from mlflow.tracking import MlflowClient
+
+        active = self.mlflow.active_run()
+        client = MlflowClient(tracking_uri=uri)
+        stale = client.search_runs([active.info.experiment_id],
+                                   filter_string=f"tags.`qadapter.ray_run` = '{label}' and attributes.status = "
+                                                 f"'RUNNING'")
+        for run in stale:
+            if run.info.run_id != active.info.run_id:
+                client.set_tag(run.info.run_id, "qadapter.error", "the attempt's worker died (restarted)")
+                client.set_terminated(run.info.run_id, status="FAILED")
 
     def log(self, metrics: dict, step: int) -> None:
         if self.writer is None:
@@ -420,14 +555,17 @@ class _Tracker:
         # file by file, overwriting: the event files of an earlier attempt stay next to this one's
         pafs.copy_files(self.upload[0], root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
-    def close(self) -> None:
+    def close(self, failed: Optional[str] = None) -> None:
+        """Flush and close the sinks; ``failed`` (the error) ends the MLflow run as FAILED, with the error as a tag."""
         if self.writer is not None:
             self.writer.close()
             if self.upload:
                 self._upload()
                 shutil.rmtree(self.upload[0], ignore_errors=True)
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            if failed is not None:
+                self.mlflow.set_tag("qadapter.error", failed[:5000])
+            self.mlflow.end_run(status="FAILED" if failed is not None else "FINISHED")
 
 
 def build_model(cfg: Config, model_dir: str):
@@ -506,25 +644,29 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- resume: a restart after a failure (Ray's latest checkpoint) or an explicit train.resume_from
     state: dict[str, Any] = {"step": 0, "restarts": 0, "history": [], "partition": None}
-    resume_diff = None
+    resume_diff, rng_restored = None, None
     source, restarted = ray.train.get_checkpoint(), True
     if source is None and tc.resume_from:
         source, restarted = (Checkpoint(tc.resume_from) if "://" in tc.resume_from
                              else Checkpoint.from_directory(tc.resume_from)), False
     if source is not None:
         with source.as_directory() as d:
-            load_path, _ = engine.load_checkpoint(os.path.join(d, DS_SUBDIR), tag=DS_TAG, load_module_strict=False)
+            with _WeightsOnlyLoads(engine):  # checkpoints are data: no file may run code while it loads
+                load_path, _ = engine.load_checkpoint(os.path.join(d, DS_SUBDIR), tag=DS_TAG,
+                                                      load_module_strict=False)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint under {d}/{DS_SUBDIR}")
             state = json.loads(Path(d, STATE_FILE).read_text())
             saved = load_file(os.path.join(d, ADAPTER_SUBDIR, "adapter_model.safetensors"))
+            rng_restored = restore_rng_state(d, rank, device)
         live = _gathered_adapter_state(engine, zero_stage)
         resume_diff = max(float((live[k].float() - saved[k].float()).abs().max()) for k in saved)
         if restarted:
             state["restarts"] = int(state.get("restarts", 0)) + 1
         if rank == 0:
             print(f"[train] resumed at step {state['step']} (restarts={state['restarts']}, "
-                  f"adapter max|live-saved|={resume_diff:.2e})", flush=True)
+                  f"adapter max|live-saved|={resume_diff:.2e}, RNG state "
+                  f"{'restored' if rng_restored else 'not in the checkpoint: dropout draws differ'})", flush=True)
 
     # ---- data: the same number of micro-batches on every rank
     pad_id = config["pad_token_id"]
@@ -596,6 +738,7 @@ def train_loop_per_worker(config: dict) -> None:
         tmp = tempfile.mkdtemp(prefix=f"qadapter-ckpt-r{rank}-")
         try:
             engine.save_checkpoint(os.path.join(tmp, DS_SUBDIR), tag=DS_TAG, exclude_frozen_parameters=True)
+            save_rng_state(tmp, rank, device)  # a resume then draws the dropout masks an uninterrupted run draws
             adapter_state = _gathered_adapter_state(engine, zero_stage)
             probe = _probe(engine, device)
             if rank == 0:
@@ -642,8 +785,12 @@ def train_loop_per_worker(config: dict) -> None:
             "restarts": int(state["restarts"]), "zero_stage": zero_stage, "world_size": world,
             "seconds": time.time() - t_start, "total_steps": total_steps,
         })
+        if 0 < tc.nan_at_step <= step:  # fault injection for tests: this run reports what a diverged one would
+            for key in {"loss", "eval_loss", tc.checkpoint_metric, cfg.tune.metric} & set(metrics):
+                metrics[key] = float("nan")
         if resume_diff is not None:
             metrics["resume_adapter_max_abs_diff"] = resume_diff
+            metrics["resume_rng_restored"] = rng_restored
         if with_checkpoint and tc.checkpoint_metric not in metrics:
             last = next((h[tc.checkpoint_metric] for h in reversed(state["history"]) if tc.checkpoint_metric in h),
                         None)
@@ -660,44 +807,49 @@ def train_loop_per_worker(config: dict) -> None:
             tracker.log(metrics, step)
         checkpoint_and_report(metrics, with_checkpoint)
 
-    engine.train()
-    if step >= total_steps:  # a re-run of a finished run: report its final state once more
-        report(with_checkpoint=True)
-    while step < total_steps:
-        for _ in range(ga):
-            _, b = next(batches)
-            batch = _make_batch(b, tc.objective, pad_id, device)
-            tokens += int(batch["attention_mask"].sum())
-            loss, m = _loss(engine, batch, cfg)
-            engine.backward(loss)
-            engine.step()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            micro += 1
-        step += 1
-        pbar.update(1)
-        if rank == 0 and step == start_step + 1:
-            print(f"[train] rank 0: model + DeepSpeed engine {t_engine - t_worker:.1f}s, first step (incl. the first "
-                  f"batch from Ray Data) {time.time() - t_start:.1f}s", flush=True)
-        if state["partition"] is None:  # after the first step: what each rank holds (ZeRO-3: its partition)
-            info = _partition_info(engine, rank)
-            info["memory"] = {**memory, "first_step": _memory_mib(), "peak_reset": peak_reset,
-                              "partitioned_load": partitioned is not None, "loaded": loaded}
-            infos = [None] * world
-            if world > 1:
-                dist.all_gather_object(infos, info)
-            else:
-                infos = [info]
-            state["partition"] = infos
-        if rank == 0 and step == tc.fail_at_step and not exists(config["fail_marker"]):
-            write_text(config["fail_marker"], f"rank 0 exited at step {step}\n")
-            print(f"[train] fault injection: rank 0 exits at step {step}", flush=True)
-            os._exit(1)
-        do_ckpt = step >= total_steps or bool(ckpt_every and step % ckpt_every == 0)
-        if do_ckpt or (report_every and step % report_every == 0):
-            report(with_checkpoint=do_ckpt)
-            t_mark = time.time()
+    try:
+        engine.train()
+        if step >= total_steps:  # a re-run of a finished run: report its final state once more
+            report(with_checkpoint=True)
+        while step < total_steps:
+            for _ in range(ga):
+                _, b = next(batches)
+                batch = _make_batch(b, tc.objective, pad_id, device)
+                tokens += int(batch["attention_mask"].sum())
+                loss, m = _loss(engine, batch, cfg)
+                engine.backward(loss)
+                engine.step()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                micro += 1
+            step += 1
+            pbar.update(1)
+            if rank == 0 and step == start_step + 1:
+                print(f"[train] rank 0: model + DeepSpeed engine {t_engine - t_worker:.1f}s, first step (incl. the "
+                      f"first batch from Ray Data) {time.time() - t_start:.1f}s", flush=True)
+            if state["partition"] is None:  # after the first step: what each rank holds (ZeRO-3: its partition)
+                info = _partition_info(engine, rank)
+                info["memory"] = {**memory, "first_step": _memory_mib(), "peak_reset": peak_reset,
+                                  "partitioned_load": partitioned is not None, "loaded": loaded}
+                infos = [None] * world
+                if world > 1:
+                    dist.all_gather_object(infos, info)
+                else:
+                    infos = [info]
+                state["partition"] = infos
+            if rank == 0 and step == tc.fail_at_step and not exists(config["fail_marker"]):
+                write_text(config["fail_marker"], f"rank 0 exited at step {step}\n")
+                print(f"[train] fault injection: rank 0 exits at step {step}", flush=True)
+                os._exit(1)
+            do_ckpt = step >= total_steps or bool(ckpt_every and step % ckpt_every == 0)
+            if do_ckpt or (report_every and step % report_every == 0):
+                report(with_checkpoint=do_ckpt)
+                t_mark = time.time()
+    except BaseException as err:  # the MLflow run must not stay RUNNING (a SIGKILL/os._exit never gets here)
+        if tracker is not None:
+            tracker.close(failed=f"{type(err).__name__}: {err}")
+        raise
     pbar.close()
     if tracker is not None:
         tracker.close()
@@ -811,6 +963,15 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
         replay = replay_data(cfg, data_dir, f"{out_dir}/replay_data")
         data_dir = f"{out_dir}/replay_data"
     experiment = mlflow_experiment(cfg)
+    if not cfg.run.resume:
+        # Ray Train restores a run of the same name under the storage path (its checkpoints): retrain means a new
+        # run, so the earlier one of this config (and its curves) goes first
+        earlier = f"{out_dir}/{run_name(cfg)}"
+        if exists(earlier):
+            print(f"[train] run.resume false: removing the earlier Ray Train run {earlier}; training from step 0",
+                  flush=True)
+        remove(earlier)
+        remove(f"{out_dir}/tensorboard")
     trainer, info = build_trainer(cfg, data_dir, storage_path=out_dir, name=run_name(cfg), ds_overrides=ds_overrides,
                                   tensorboard_dir=f"{out_dir}/tensorboard", tracking_tags={"qadapter.stage": "train"})
     print(f"[train] {cfg.train.objective}: {info['n_train']} train / {info['n_eval']} eval pairs, "
