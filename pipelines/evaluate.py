@@ -42,10 +42,13 @@ Statistics: every per-policy number carries a percentile-bootstrap interval over
 difference against the base is a paired bootstrap (the same item indices for both), under ``vs_base``, with
 ``within_noise`` when its interval contains 0 (win rates: against 0.5, the base's own win rate).
 
-Work rows (policy x held-out pair, policy x held-out prompt) flow through Ray Data ``map_batches`` with a callable
-class on an actor pool (``eval.num_actors``, ``eval.batch_size`` rows per call); rows are ordered by adapter, so an
-actor reloads the model only when its rows move on to another adapter. A pair batch is one forward
-(``q_and_base_logits``; the adapter-off pass is skipped where alpha_0 = 0).
+Work rows (one per held-out pair and per held-out prompt) flow through Ray Data ``map_batches`` with a callable
+class on an actor pool (``eval.num_actors``, ``eval.batch_size`` rows per call). Each actor loads the base once
+with every policy's adapter (PEFT named adapters) and evaluates every policy on each batch: a pair batch runs
+each distinct pass once (adapter off: for the base policy and every alpha_0 != 0; each adapter: for every policy on
+it, e.g. a Q-Adapter and its dial points), with the one-policy path's numbers bit for bit; the answers of all
+policies to a prompt batch decode in one mixed-adapter decoder batch, rows leaving it at EOS
+(``qcore.generation.generate_policies``; the same tokens up to float rounding of the larger batch).
 
 Outputs in ``out_dir``: results.json ({"methods": {name: metrics}, "dial": [...], "notes": [...], ...}),
 pair_scores.jsonl (per policy and pair), generations.jsonl (per policy and prompt, when answers were generated),
@@ -274,6 +277,15 @@ def response_lengths(new_ids, eos_ids: list[int]):
     return torch.clamp(first + 1, max=n)
 
 
+def _custom_logp(q, base, ids, alpha_0: float, alpha_tilde: float, chunk_size: int):
+    """[B, L] log pi_policy of each next token from the Q logits (and the base logits where alpha_0 != 0)."""
+    from qcore.losses import token_logprobs, token_stats
+
+    if alpha_0 != 0:
+        return token_stats(q, base, ids, alpha_0, alpha_tilde, chunk_size).logp_custom
+    return token_logprobs(q if alpha_tilde == 1 else q.float() / alpha_tilde, ids, chunk_size)
+
+
 def policy_logprobs(model, batch: dict, alpha_0: float, alpha_tilde: float, chunk_size: int = 128):
     """Per row of a collated batch, (sum, count) of log pi_policy(a_t | s_t) over its response tokens.
 
@@ -281,26 +293,65 @@ def policy_logprobs(model, batch: dict, alpha_0: float, alpha_tilde: float, chun
     alpha_0 = 0 it is softmax(Q / alpha_tilde) and the adapter-off pass is skipped. One forward per batch."""
     import torch
 
-    from qcore.losses import loss_mask, token_logprobs, token_stats
+    from qcore.losses import loss_mask
 
     ids = batch["input_ids"].to(model.device)
     att = batch["attention_mask"].to(model.device)
     with torch.no_grad():
         q, base = model.q_and_base_logits(ids, att, need_base=alpha_0 != 0)
-        if base is not None:
-            logp = token_stats(q, base, ids, alpha_0, alpha_tilde, chunk_size).logp_custom
-        else:
-            logp = token_logprobs(q if alpha_tilde == 1 else q.float() / alpha_tilde, ids, chunk_size)
+        logp = _custom_logp(q, base, ids, alpha_0, alpha_tilde, chunk_size)
     mask = loss_mask(batch["response_mask"], "standard").to(logp.device)
     return (logp.float() * mask).sum(1), mask.sum(1)
 
 
+def policies_logprobs(model, batch: dict, policies: list[tuple], chunk_size: int = 128) -> list[tuple]:
+    """``policy_logprobs`` for several policies of one base at once: policies [(adapter name | None, alpha_0,
+    alpha_tilde)], None = the base model itself. Each distinct pass runs once over the batch: the adapter-off pass
+    serves the base policy and every policy with alpha_0 != 0, an adapter's pass every policy on it (a Q-Adapter
+    and its dial points). Each pass is the same forward as the one-policy path (the adapter made active), so the
+    numbers are the same bit for bit."""
+    import torch
+
+    from qcore.losses import loss_mask
+
+    ids = batch["input_ids"].to(model.device)
+    att = batch["attention_mask"].to(model.device)
+    mask = loss_mask(batch["response_mask"], "standard").to(ids.device).float()
+    out: list = [None] * len(policies)
+
+    def put(j, logp):
+        out[j] = ((logp.float() * mask).sum(1), mask.sum(1))
+
+    with torch.no_grad():
+        base = None
+        if any(a is None or a0 != 0 for a, a0, _ in policies):
+            base = model.base_logits(ids, att)
+        for j, (a, _, at) in enumerate(policies):
+            if a is None:
+                put(j, _custom_logp(base, None, ids, 0.0, at, chunk_size))
+        active = model.peft_model.active_adapter
+        try:
+            for name in dict.fromkeys(a for a, _, _ in policies if a is not None):
+                model.peft_model.set_adapter(name)
+                q, _ = model.q_and_base_logits(ids, att, need_base=False)  # the one-policy path's Q pass
+                for j, (a, a0, at) in enumerate(policies):
+                    if a == name:
+                        put(j, _custom_logp(q, base, ids, a0, at, chunk_size))
+                del q
+        finally:
+            model.peft_model.set_adapter(active)
+    return out
+
+
 class PolicyEvaluator:
-    """Ray Data callable class: loads the base model + one adapter, reloads only when the adapter changes."""
+    """Ray Data callable class. With ``policies`` (the evaluate stage): rows are held-out items, and every batch is
+    scored / answered by every policy at once, all adapters loaded on one base (``_load_all``; pairs: each
+    distinct pass once, ``policies_logprobs``; answers: one mixed-adapter decoder batch, ``generate_all``).
+    Without (replay, tests): one policy at a time, ``_load`` reloading only when the adapter changes."""
 
     def __init__(self, base_path: str, dtype: str = "float32", max_new_tokens: int = 64, chunk_size: int = 128,
                  trust_remote_code: bool = False, use_gpu: bool = False, num_threads: int = 0,
-                 kl_mode: str = "generation", want_kl: bool = True):
+                 kl_mode: str = "generation", want_kl: bool = True, policies: Optional[list[dict]] = None):
         import torch
         from transformers import AutoTokenizer
 
@@ -325,6 +376,8 @@ class PolicyEvaluator:
         self.model = None
         self.loaded: object = ()  # the adapter currently loaded (None = no adapter)
         self.loads = 0
+        self.policies = policies
+        self.bank = None  # the model holding every policy's adapter (policies given), loaded on first use
 
     def _eos_ids(self) -> list[int]:
         from transformers import AutoConfig, GenerationConfig
@@ -354,6 +407,62 @@ class PolicyEvaluator:
             is_trainable=False).to(self.device).eval()
         self.loaded = adapter
         self.loads += 1
+
+    def _load_all(self):
+        """The base with every distinct adapter of ``self.policies`` (PEFT named adapters "a0", "a1", ...); ->
+        [(adapter name | None, alpha_0, alpha_tilde)] per policy, in order."""
+        if self.bank is None:
+            from pipelines.common import is_uri, local_copy
+            from qcore.compose import load_adapters
+            from qcore.model import QAdapterModel
+
+            dirs = list(dict.fromkeys(p["adapter"] for p in self.policies if p["adapter"]))
+            self.names = {d: f"a{i}" for i, d in enumerate(dirs)}
+            if dirs:
+                local = {self.names[d]: local_copy(d) if is_uri(d) else d for d in dirs}
+                bank = load_adapters(self.base_path, local, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+            else:  # the base policy alone: its rows run adapter off
+                bank = QAdapterModel.from_pretrained(self.base_path, dtype=self.dtype, is_trainable=False,
+                                                     trust_remote_code=self.trust_remote_code)
+            self.bank = bank.to(self.device).eval()
+            self.loads += 1
+        return [(self.names[p["adapter"]] if p["adapter"] else None, float(p["alpha_0"]), float(p["alpha_tilde"]))
+                for p in self.policies]
+
+    def pair_scores_all(self, rows) -> list[tuple]:
+        """``pair_scores`` for every policy of ``self.policies`` (each distinct pass once): one tuple per policy."""
+        from qcore.data import collate_pairs
+
+        specs = self._load_all()
+        batch = collate_pairs(rows, self.tokenizer.pad_token_id)
+        out = []
+        for sums, counts in policies_logprobs(self.bank, batch, specs, self.chunk_size):
+            b = sums.shape[0] // 2
+            means = (sums / counts.clamp_min(1)).tolist()
+            counts = [int(c) for c in counts.tolist()]
+            out.append((means[:b], means[b:], counts[:b], counts[b:]))
+        return out
+
+    def generate_all(self, prompts: list[Any]) -> list[tuple]:
+        """``generate_and_kl`` for every policy of ``self.policies``, in ONE mixed-adapter decoder batch
+        (qcore.generation.generate_policies; finished rows leave it): one (texts, kl sums, #tokens) per policy.
+        The KL is recorded while decoding (kl_mode "generation"); the base policy's is 0 by construction."""
+        from qcore.generation import generate_policies
+
+        specs = self._load_all()
+        ids, mask = self._encode_left(prompts)
+        kl = [self.want_kl and a is not None for a, _, _ in specs]
+        new, kl_sums = generate_policies(self.bank, ids, mask, specs, self.max_new_tokens, eos_token_id=self.eos_ids,
+                                         pad_token_id=self.tokenizer.pad_token_id, kl=kl)
+        out = []
+        for j in range(len(specs)):
+            rows = new[j].cpu()
+            lengths = response_lengths(rows, self.eos_ids)
+            texts = [self.tokenizer.decode(rows[i, : lengths[i]].tolist(), skip_special_tokens=True).strip()
+                     for i in range(len(prompts))]
+            out.append((texts, [float(x) for x in kl_sums[j].tolist()] if kl[j] else [0.0] * len(prompts),
+                        [int(x) for x in lengths.tolist()]))
+        return out
 
     def _encode_left(self, prompts: list[Any]):
         import torch
@@ -456,6 +565,8 @@ class PolicyEvaluator:
         import pandas as pd
 
         df = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame(batch)
+        if self.policies is not None:
+            return self._call_all(df)
         out_rows = []
         # Rows are ordered by policy and kind, so a batch usually holds one group.
         for (_pid, kind), group in df.groupby(["policy_id", "kind"], sort=False):
@@ -478,6 +589,29 @@ class PolicyEvaluator:
                                  "response": texts[i], "n_tokens": int(counts[i]), "kl_sum": float(kls[i]),
                                  "logp_chosen": float(lc[i]), "logp_rejected": float(lr[i]),
                                  "tokens_chosen": int(nc[i]), "tokens_rejected": int(nr[i]), "seconds": dt})
+        return pd.DataFrame(out_rows)
+
+
+    def _call_all(self, df):
+        """Item rows (kind, idx, ...) -> one output row per policy and item (the columns of the per-policy path)."""
+        import pandas as pd
+
+        out_rows, nan = [], float("nan")
+        for kind, group in df.groupby("kind", sort=False):
+            t0 = time.perf_counter()
+            n = len(group)
+            if kind == "pairs":
+                per = [(([""] * n, [nan] * n, [0] * n), s) for s in self.pair_scores_all(group)]
+            else:
+                per = [(g, ([nan] * n, [nan] * n, [0] * n, [0] * n))
+                       for g in self.generate_all([json.loads(x) for x in group["prompt_json"]])]
+            dt = (time.perf_counter() - t0) / max(1, n * len(self.policies))
+            for pol, ((texts, kls, counts), (lc, lr, nc, nr)) in zip(self.policies, per):
+                for i, idx in enumerate(group["idx"]):
+                    out_rows.append({"policy_id": pol["policy_id"], "kind": kind, "idx": int(idx),
+                                     "response": texts[i], "n_tokens": int(counts[i]), "kl_sum": float(kls[i]),
+                                     "logp_chosen": float(lc[i]), "logp_rejected": float(lr[i]),
+                                     "tokens_chosen": int(nc[i]), "tokens_rejected": int(nr[i]), "seconds": dt})
         return pd.DataFrame(out_rows)
 
 
@@ -804,19 +938,15 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------------
-def _work_rows(policies: list[dict], pairs: list[dict], prompts: list[Any]) -> list[dict]:
-    """policy x pair and policy x prompt rows, ordered by policy (an actor reloads only when the adapter changes).
-    Every row has every column (Arrow needs one schema)."""
+def _work_rows(pairs: list[dict], prompts: list[Any]) -> list[dict]:
+    """One row per held-out pair and per held-out prompt: each actor call scores / answers its rows under every
+    policy at once (PolicyEvaluator with policies). Every row has every column (Arrow needs one schema)."""
     rows = []
-    for pol in policies:
-        cols = {"policy_id": pol["policy_id"], "adapter": pol["adapter"] or "", "alpha_0": pol["alpha_0"],
-                "alpha_tilde": pol["alpha_tilde"]}
-        for i, r in enumerate(pairs):
-            rows.append({**cols, "kind": "pairs", "idx": i, "prompt_json": r["prompt_json"],
-                         **{c: list(r[c]) for c in PAIR_COLUMNS[:4]}})
-        for i, p in enumerate(prompts):
-            rows.append({**cols, "kind": "heldout", "idx": i, "prompt_json": json.dumps(p),
-                         **{c: [] for c in PAIR_COLUMNS[:4]}})
+    for i, r in enumerate(pairs):
+        rows.append({"kind": "pairs", "idx": i, "prompt_json": r["prompt_json"],
+                     **{c: list(r[c]) for c in PAIR_COLUMNS[:4]}})
+    for i, p in enumerate(prompts):
+        rows.append({"kind": "heldout", "idx": i, "prompt_json": json.dumps(p), **{c: [] for c in PAIR_COLUMNS[:4]}})
     return rows
 
 
@@ -863,7 +993,7 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
                          f"has no eval split): no answers generated, no {', '.join(gen_judges)} columns")
             gen_judges = []
 
-    rows = _work_rows(policies, pairs, prompts)
+    rows = _work_rows(pairs, prompts)
     num_actors = max(1, cfg.eval.num_actors)
     batch_size = max(1, cfg.eval.batch_size)
     use_gpu = bool(cfg.train.use_gpu)
@@ -881,15 +1011,17 @@ def evaluate_stage(cfg: Config, adapters: dict[str, str], data_dir: Optional[str
             fn_constructor_kwargs={"base_path": cfg.model.path, "dtype": cfg.model.dtype,
                                    "max_new_tokens": cfg.eval.max_new_tokens, "chunk_size": cfg.q.chunk_size,
                                    "trust_remote_code": cfg.model.trust_remote_code, "use_gpu": use_gpu,
-                                   "num_threads": 0 if use_gpu else threads, "want_kl": cfg.eval.kl},
-            batch_size=batch_size, batch_format="pandas", concurrency=min(num_actors, len(policies)),
+                                   "num_threads": 0 if use_gpu else threads, "want_kl": cfg.eval.kl,
+                                   "policies": policies},
+            batch_size=batch_size, batch_format="pandas", concurrency=num_actors,
             num_cpus=1, num_gpus=1 if use_gpu else 0,
         )
         t_gen = time.perf_counter()
         out_rows = [dict(r) for r in ds.take_all()]
         gen_seconds = time.perf_counter() - t_gen
-        if len(out_rows) != len(rows):
-            raise RuntimeError(f"evaluation lost rows: {len(rows)} in, {len(out_rows)} out")
+        if len(out_rows) != len(rows) * len(policies):
+            raise RuntimeError(f"evaluation lost rows: {len(rows)} items x {len(policies)} policies in, "
+                               f"{len(out_rows)} out")
     pair_rows: dict[str, list[dict]] = {p["policy_id"]: [] for p in policies}
     gen_rows: dict[str, list[dict]] = {p["policy_id"]: [] for p in policies}
     for r in sorted(out_rows, key=lambda r: (r["policy_id"], r["kind"], int(r["idx"]))):

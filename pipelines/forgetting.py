@@ -1,8 +1,8 @@
 """Forgetting, measured with lm-evaluation-harness: every policy through the project's lm-eval model type.
 
 ``lm_eval_policies(cfg, policies, out_dir)`` runs ``cfg.eval.lm_eval.tasks`` for each policy (the base, every
-method, every dial point) with ``lm_eval.simple_evaluate`` on ``qcore.lm_eval_model.QAdapterLM``, one Ray task per
-policy, and returns, per policy id and task, the headline metric with its per-item scores (for paired bootstraps
+method, every dial point) with ``lm_eval.simple_evaluate`` on ``qcore.lm_eval_model.QAdapterLM``, all policies in one Ray
+task on one model holding every adapter (each request computed for every policy at once), and returns, per policy id and task, the headline metric with its per-item scores (for paired bootstraps
 and retention = policy / base). The evaluate stage calls it; Ray must already be initialized.
 
 - Tasks: the repo's data/lm_eval (qadapter_probe_gen, qadapter_probe_mc: the default's probe, no download) plus
@@ -12,8 +12,8 @@ and retention = policy / base). The evaluate stage calls it; Ray must already be
 - Chat template: applied where the tokenizer has one (``eval.lm_eval.apply_chat_template`` None), few-shot
   examples as turns: an instruct model is asked as it was tuned to be asked, and BOS is written once (see
   qcore/lm_eval_model.py). Set it false to score raw text prompts (as for base models).
-- Resources: concurrent tasks = min(#policies, cluster CPUs) (on GPU: cluster GPUs, one GPU per task), and each
-  task gets cluster CPUs / concurrent tasks CPUs (its torch threads), capped by what one node can host.
+- Resources: one task (on GPU: one GPU) with the CPUs min(#policies, cluster CPUs) one-policy tasks would have had,
+  capped by what one node can host; its torch threads are capped by the node's cores.
 - Artifacts: ``out_dir/lm_eval/<policy_id>/results.json`` (the policy, the summary, lm-eval's results without
   samples) and ``samples_<task>.jsonl`` (lm-eval's per-item records), written through pipelines.common (URIs
   work).
@@ -151,47 +151,58 @@ def _raise_for_unloadable(tm, tasks: list[str], error: Exception) -> None:
 
 
 def evaluate_policy(cfg: Config, policy: dict, threads: int, device: str) -> dict:
-    """Body of one policy's Ray task: -> {"summary": {task: entry}, "results_json": str, "samples": {leaf: jsonl}}.
-    Results travel as JSON text: lm-eval's configs hold functions of dynamically loaded task modules."""
+    """One policy alone: ``evaluate_policies`` with [policy]."""
+    return evaluate_policies(cfg, [policy], threads, device)[policy["policy_id"]]
+
+
+def evaluate_policies(cfg: Config, policies: list[dict], threads: int, device: str) -> dict[str, dict]:
+    """Body of the lm-eval Ray task: every policy of one base on ONE model that holds all their adapters
+    (``QAdapterLM.for_policies``: each request list is computed for every policy at once, then read from its
+    cache by the next policy's simple_evaluate). -> {policy_id: {"summary": {task: entry}, "results_json": str,
+    "samples": {leaf: jsonl}}}. Results travel as JSON text: lm-eval's configs hold functions of dynamically
+    loaded task modules."""
     import torch
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))  # Ray may declare more CPUs than cores
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
     from qcore.lm_eval_model import QAdapterLM
 
     lc = cfg.eval.lm_eval
-    adapter = local_copy(policy["adapter"]) if policy.get("adapter") else None
-    lm = QAdapterLM(pretrained=cfg.model.path, adapter=adapter, alpha_0=policy["alpha_0"],
-                    alpha_tilde=policy["alpha_tilde"], batch_size=lc.batch_size, dtype=cfg.model.dtype,
-                    device=device, trust_remote_code=cfg.model.trust_remote_code)
+    lms = QAdapterLM.for_policies(
+        cfg.model.path, [(local_copy(p["adapter"]) if p.get("adapter") else None, p["alpha_0"], p["alpha_tilde"])
+                         for p in policies],
+        batch_size=lc.batch_size, dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
     chat = lc.apply_chat_template
     if chat is None:
-        chat = bool(getattr(lm.tokenizer, "chat_template", None))
+        chat = bool(getattr(lms[0].tokenizer, "chat_template", None))
     limits = _limits(cfg)
     tm = _task_manager(_include_paths(cfg), lc.tasks)
-    runs, summary, samples = [], {}, {}
-    for limit in dict.fromkeys(limits.values()):  # one simple_evaluate per distinct limit, tasks in config order
-        tasks = [t for t in lc.tasks if limits[t] == limit]
-        try:
-            res = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, num_fewshot=lc.num_fewshot, limit=limit, log_samples=True,
-                apply_chat_template=chat, fewshot_as_multiturn=chat, task_manager=tm,
-                bootstrap_iters=cfg.eval.bootstrap_samples, random_seed=cfg.run.seed)
-        except Exception as e:  # noqa: BLE001
-            _raise_for_unloadable(tm, tasks, e)
-        for task in tasks:
-            summary[task] = summarize(task, lc.metrics.get(task) or DEFAULT_METRICS.get(task), res)
-        for leaf, rows in res.pop("samples").items():
-            samples[leaf] = "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n"
-                                    for r in rows)
-        runs.append({"tasks": tasks, "limit": limit, **res})
-    record = {"policy": policy, "apply_chat_template": chat, "summary": summary, "lm_eval": runs}
-    return {"summary": summary, "samples": samples,
-            "results_json": json.dumps(record, default=handle_non_serializable, indent=1)}
+    out = {}
+    for policy, lm in zip(policies, lms):
+        runs, summary, samples = [], {}, {}
+        for limit in dict.fromkeys(limits.values()):  # one simple_evaluate per distinct limit, tasks in config order
+            tasks = [t for t in lc.tasks if limits[t] == limit]
+            try:
+                res = lm_eval.simple_evaluate(
+                    model=lm, tasks=tasks, num_fewshot=lc.num_fewshot, limit=limit, log_samples=True,
+                    apply_chat_template=chat, fewshot_as_multiturn=chat, task_manager=tm,
+                    bootstrap_iters=cfg.eval.bootstrap_samples, random_seed=cfg.run.seed)
+            except Exception as e:  # noqa: BLE001
+                _raise_for_unloadable(tm, tasks, e)
+            for task in tasks:
+                summary[task] = summarize(task, lc.metrics.get(task) or DEFAULT_METRICS.get(task), res)
+            for leaf, rows in res.pop("samples").items():
+                samples[leaf] = "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n"
+                                        for r in rows)
+            runs.append({"tasks": tasks, "limit": limit, **res})
+        record = {"policy": policy, "apply_chat_template": chat, "summary": summary, "lm_eval": runs}
+        out[policy["policy_id"]] = {"summary": summary, "samples": samples,
+                                    "results_json": json.dumps(record, default=handle_non_serializable, indent=1)}
+    return out
 
 
 def _plan(cfg: Config, n_policies: int) -> tuple[int, int, int]:
@@ -235,20 +246,32 @@ def lm_eval_policies(cfg: Config, policies: list[dict], out_dir: str) -> dict[st
         if p.get("objective") in PLAIN_OBJECTIVES and (float(p["alpha_0"]), float(p["alpha_tilde"])) != (0.0, 1.0):
             raise ValueError(f"policy {p['policy_id']}: a {p['objective']} adapter is evaluated as softmax(Q) "
                              f"(alpha_0 0, alpha_tilde 1), got alpha_0 {p['alpha_0']}, alpha_tilde {p['alpha_tilde']}")
+    # One task for all policies (they share one model and each request's passes); it gets the CPUs that
+    # min(#policies, cluster CPUs) one-policy tasks would have shared, capped by one node's.
     concurrent, threads, gpus = _plan(cfg, len(policies))
+    threads = min(threads * concurrent, max(threads, _node_cpus(gpus)))
     device = "cuda" if gpus else "cpu"
-    log.info("lm-eval: %d policies x %s, %d at a time, %d CPU(s) each%s", len(policies), lc.tasks, concurrent,
-             threads, ", 1 GPU each" if gpus else "")
-    task = ray.remote(evaluate_policy)
-    refs = {p["policy_id"]: task.options(num_cpus=threads, num_gpus=gpus, max_retries=0,
-                                         name=f"lm_eval:{p['policy_id']}").remote(cfg, p, threads, device)
-            for p in policies}
+    log.info("lm-eval: %d policies x %s in one task, %d CPU(s)%s", len(policies), lc.tasks, threads,
+             ", 1 GPU" if gpus else "")
+    task = ray.remote(evaluate_policies)
+    got_all = ray.get(task.options(num_cpus=threads, num_gpus=gpus, max_retries=0, name="lm_eval").remote(
+        cfg, policies, threads, device))
     out: dict[str, dict[str, dict]] = {}
-    for pid, ref in refs.items():
-        got = ray.get(ref)
+    for pid in ids:
+        got = got_all[pid]
         base = join(out_dir, "lm_eval", pid)
         write_text(join(base, "results.json"), got["results_json"])
         for leaf, text in got["samples"].items():
             write_text(join(base, f"samples_{leaf}.jsonl"), text)
         out[pid] = got["summary"]
     return out
+
+
+def _node_cpus(gpus: int) -> int:
+    """The most CPUs one alive node offers a task (per GPU on a GPU run)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if gpus:
+        return max((int(r.get("CPU", 0) // r["GPU"]) for r in nodes if r.get("GPU", 0) >= 1), default=1)
+    return max((int(r.get("CPU", 0)) for r in nodes), default=1)

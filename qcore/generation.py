@@ -313,3 +313,92 @@ def generate_reference(model, input_ids, attention_mask=None, max_new_tokens: in
 
     return _decode_loop(model, input_ids, attention_mask, step, max_new_tokens, do_sample, temperature, top_k, top_p,
                         alpha_0, alpha_tilde, eos_token_id, pad_token_id, generator)
+
+
+def generate_policies(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, policies: Sequence[tuple],
+                      max_new_tokens: int, eos_token_id=None, pad_token_id: Optional[int] = None,
+                      kl: Optional[Sequence[bool]] = None, prune: bool = True):
+    """Greedy answers of several policies of one base to the same B prompts, all in ONE decoder call per step.
+
+    policies: [(adapter name | None, alpha_0, alpha_tilde)]; None = the base model itself (Q = z_base, its rows run
+    adapter off). A policy reads the base pass where alpha_0 != 0 or ``kl[j]`` asks for KL(policy || base) per
+    token. The decoder batch holds one row block per policy (through its adapter: PEFT's mixed-adapter batch)
+    plus one adapter-off block per policy that reads the base. The prompt is prefilled once per distinct adapter
+    (and once adapter off), then the KV cache is copied to the blocks that share it; with ``prune`` a row leaves
+    the batch (and the cache) once it finished, so a policy that stops early costs nothing more. Greedy only.
+
+    Returns (new tokens [P, B, n] (pad_token_id after a row finished), KL sums [P, B] float32 over each row's
+    generated tokens, zeros where kl is off). Token for token the same as ``generate`` per policy up to float
+    rounding of the larger batch (tests/test_generation.py)."""
+    from qcore.metrics import token_kl
+
+    p, b = len(policies), input_ids.shape[0]
+    kl = [False] * p if kl is None else list(kl)
+    names = [BASE_ROWS if a is None else a for a, _, _ in policies]
+    reads_base = [a is not None and (float(a0) != 0 or kl[j]) for j, (a, a0, _) in enumerate(policies)]
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate_policies needs LEFT padded prompts: some row's last attention_mask entry is 0")
+    why_not = mixed_batch_unsupported(model, [n for n in names if n != BASE_ROWS])
+    if why_not:
+        raise ValueError(f"generate_policies needs a mixed-adapter batch: {why_not}")
+    eos = torch.tensor(eos_ids(model, eos_token_id), dtype=torch.long, device=input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if len(eos) else 0
+    dev = input_ids.device
+    a0 = torch.tensor([float(x[1]) for x in policies for _ in range(b)], device=dev)
+    at = torch.tensor([float(x[2]) for x in policies for _ in range(b)], device=dev)
+    want_kl = torch.tensor([kl[j] and reads_base[j] for j in range(p) for _ in range(b)], device=dev)
+    # Virtual rows v = j * B + i (policy j, prompt i). Decoder rows: the Q row of every live v, then the base row of
+    # every live v whose policy reads the base.
+    needs_base_row = torch.tensor([reads_base[j] for j in range(p) for _ in range(b)], device=dev)
+    row_name = [names[j] for j in range(p) for _ in range(b)]
+    live = torch.arange(p * b, device=dev)
+    distinct = list(dict.fromkeys(names + ([BASE_ROWS] if any(reads_base) else [])))
+    ids, mask = input_ids, attention_mask.long()
+    out = torch.full((p * b, max_new_tokens), int(pad_token_id), dtype=torch.long, device=dev)
+    kl_steps = torch.zeros((p * b, max_new_tokens), dtype=torch.float32)
+    cache = new_cache(model.config)
+    n = 0
+    with model.eval_mode(), torch.no_grad():
+        # Prefill: each distinct adapter (and adapter off) once over the prompts.
+        pos = positions_from_mask(mask)
+        with model.mixed_adapters([d for d in distinct for _ in range(b)]):
+            logits = _run(model, ids.repeat(len(distinct), 1), mask.repeat(len(distinct), 1),
+                          pos.repeat(len(distinct), 1), cache)
+        block = {d: k for k, d in enumerate(distinct)}
+        rows_of = torch.tensor([block[row_name[v]] * b + v % b for v in range(p * b)] +
+                               [block[BASE_ROWS] * b + v % b for v in range(p * b) if bool(needs_base_row[v])],
+                               dtype=torch.long, device=dev)
+        cache.batch_select_indices(rows_of)
+        logits = logits[rows_of]
+        vmask = mask.repeat(p, 1)  # per virtual row
+        finished = torch.zeros(p * b, dtype=torch.bool, device=dev)  # per live row (pruning off: rows stay)
+        for t in range(max_new_tokens):
+            nq = len(live)
+            q_last = logits[:nq]
+            base_last = q_last.clone()  # rows that read no base: any finite logits (alpha_0 = 0 ignores them)
+            has_base = needs_base_row[live]
+            base_last[has_base] = logits[nq:]
+            custom = model.customized_logits(q_last, base_last, alpha_0=a0[live], alpha_tilde=at[live])
+            tok = custom.argmax(-1)
+            k = want_kl[live] & ~finished
+            if bool(k.any()):
+                kl_steps[live[k].cpu(), t] = token_kl(custom[k], base_last[k].float()).cpu()
+            tok = torch.where(finished, torch.full_like(tok, int(pad_token_id)), tok)
+            out[live, t] = tok
+            n = t + 1
+            if len(eos):
+                finished = finished | torch.isin(tok, eos)
+            if t + 1 >= max_new_tokens or bool(finished.all()):
+                break
+            vmask = torch.cat([vmask, torch.ones_like(vmask[:, :1])], dim=1)
+            if prune and bool(finished.any()):
+                keep = ~finished
+                cache.batch_select_indices(torch.nonzero(torch.cat([keep, keep[has_base]])).squeeze(-1))
+                live, tok, has_base, finished = live[keep], tok[keep], has_base[keep], finished[keep]
+            step_names = [row_name[v] for v in live.tolist()] + [BASE_ROWS] * int(has_base.sum())
+            m = torch.cat([vmask[live], vmask[live][has_base]])
+            with model.mixed_adapters(step_names):
+                logits = _run(model, torch.cat([tok, tok[has_base]])[:, None], m, positions_from_mask(m)[:, -1:],
+                              cache)
+    return out[:, :n].reshape(p, b, n), (kl_steps[:, :n].sum(1)).reshape(p, b)

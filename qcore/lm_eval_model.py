@@ -30,9 +30,11 @@ then ``lm_eval.simple_evaluate(model="qadapter", ...)``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -63,7 +65,7 @@ class QAdapterLM(TemplateLM):
     def __init__(self, pretrained: str = "smollm2-135m", adapter: Optional[str] = None, alpha_0: Any = None,
                  alpha_tilde: Any = None, batch_size: Any = 1, dtype: str = "float32", device: Optional[str] = None,
                  max_length: Any = None, max_gen_toks: Any = 256, add_bos_token: Any = None,
-                 trust_remote_code: Any = False, max_batch_size: Any = None, **kwargs):
+                 trust_remote_code: Any = False, max_batch_size: Any = None, preloaded=None, **kwargs):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -89,8 +91,8 @@ class QAdapterLM(TemplateLM):
                         device)
             device = "cpu"
         self._device = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = QAdapterModel.from_pretrained(base_dir, adapter_path=adapter, dtype=dtype,
-                                                   trust_remote_code=trust, is_trainable=False)
+        self.model = preloaded if preloaded is not None else QAdapterModel.from_pretrained(
+            base_dir, adapter_path=adapter, dtype=dtype, trust_remote_code=trust, is_trainable=False)
         self.model.to(self._device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
         if self.tokenizer.pad_token_id is None:
@@ -105,6 +107,45 @@ class QAdapterLM(TemplateLM):
         self.add_bos_token = None if add_bos_token is None or add_bos_token == "" else _as_bool(add_bos_token)
         self.chunk_size = self.model.q_config.chunk_size
         self.need_base = self.alpha_0 != 0  # pi_custom reads log pi_pre only through alpha_0
+        # The policies this model's requests are computed for (see ``for_policies``): here this one alone.
+        self.specs = [(self.model.peft_model.active_adapter if adapter else None, self.alpha_0, self.alpha_tilde)]
+        self.policy_index = 0
+        self.shared = {"loglikelihood": {}, "generate_until": {}}
+
+    @classmethod
+    def for_policies(cls, pretrained: str, policies: list[tuple], batch_size: Any = 1, dtype: str = "float32",
+                     device: Optional[str] = None, trust_remote_code: Any = False, **kwargs) -> list["QAdapterLM"]:
+        """One lm-eval LM per policy [(adapter dir | None, alpha_0, alpha_tilde)] of one base, all on ONE model
+        holding every adapter (qcore.compose.load_adapters). A request list (a task's loglikelihood or
+        generate_until requests: the same for every policy under the same config) is computed for every policy at
+        once and cached, so each policy's ``simple_evaluate`` after the first runs no forward: the adapter-off pass
+        runs once for all policies that read it, an adapter's pass once for all policies on it, and greedy answers
+        decode in one mixed-adapter batch (qcore.generation.generate_policies). Loglikelihoods are the one-policy
+        model's bit for bit (the same forwards, the same batches); answers token for token up to float rounding."""
+        from qcore.base_models import resolve_model_path
+        from qcore.compose import load_adapters
+
+        dirs = list(dict.fromkeys(str(d) for d, _, _ in policies if d))
+        names = {d: f"a{i}" for i, d in enumerate(dirs)}
+        model = None
+        if dirs:
+            model = load_adapters(resolve_model_path(str(pretrained)), {names[d]: d for d in dirs}, dtype=dtype,
+                                  trust_remote_code=_as_bool(trust_remote_code))
+        lm = cls(pretrained=pretrained, adapter=None, batch_size=batch_size, dtype=dtype, device=device,
+                 trust_remote_code=trust_remote_code, preloaded=model, **kwargs)
+        specs = []
+        for d, a0, at in policies:
+            if float(at) <= 0 or float(a0) < 0:
+                raise ValueError(f"qadapter: need alpha_0 >= 0 and alpha_tilde > 0, got {a0}, {at}")
+            specs.append((names[str(d)] if d else None, float(a0), float(at)))
+        views = []
+        for j, (_, a0, at) in enumerate(specs):
+            view = copy.copy(lm)  # shares the model, the tokenizer and the caches
+            view.specs, view.policy_index, view.alpha_0, view.alpha_tilde = specs, j, a0, at
+            view.need_base = a0 != 0
+            view.cache_hook = type(lm.cache_hook)(None)  # lm-eval's per-LM hook (none of them writes a cache)
+            views.append(view)
+        return views
 
     # ------------------------------------------------------------------ construction from lm-eval arguments
     @classmethod
@@ -157,10 +198,10 @@ class QAdapterLM(TemplateLM):
                                                   add_generation_prompt=add_generation_prompt)
 
     # ------------------------------------------------------------------ scoring
-    def custom_logprobs(self, sequences: list[list[int]], spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor,
-                                                                                                       torch.Tensor]]:
-        """For each token sequence and (start, end) span of positions whose NEXT tokens are scored: the
-        log pi_custom of those next tokens and the greedy flags. One right-padded batch."""
+    def custom_logprobs(self, sequences: list[list[int]], spans: list[tuple[int, int]]) -> list[list[tuple]]:
+        """For each token sequence and (start, end) span of positions whose NEXT tokens are scored: per policy of
+        ``self.specs``, the log pi_custom of those next tokens and the greedy flags. One right-padded batch; each
+        distinct pass once (adapter off: the base policy and every policy with alpha_0 != 0)."""
         pad = self.tokenizer.pad_token_id
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -169,22 +210,52 @@ class QAdapterLM(TemplateLM):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
-        out = []
-        with torch.no_grad():
-            q, base = self.model.q_and_base_logits(ids, mask, need_base=self.need_base)
+        out: list = [None] * len(self.specs)
+
+        def per_span(q, base, a0, at):
+            got = []
             for i, (start, end) in enumerate(spans):
                 custom = self.model.customized_logits(q[i : i + 1, start:end],
                                                       None if base is None else base[i : i + 1, start:end],
-                                                      alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
+                                                      alpha_0=a0, alpha_tilde=at)
                 target = ids[i : i + 1, start + 1 : end + 1]
                 lp = token_logprobs(custom, target, self.chunk_size)[0]
                 greedy = custom[0].argmax(-1) == target[0]
-                out.append((lp.cpu(), greedy.cpu()))
+                got.append((lp.cpu(), greedy.cpu()))
+            return got
+
+        peft = self.model.peft_model
+        with torch.no_grad():
+            base = None
+            if any(a is None or a0 != 0 for a, a0, _ in self.specs):
+                base = self.model.base_logits(ids, mask)
+            for j, (a, _a0, at) in enumerate(self.specs):
+                if a is None:  # the base model's own policy: its logits are z_base
+                    out[j] = per_span(base, None, 0.0, at)
+            active = peft.active_adapter
+            try:
+                for name in dict.fromkeys(a for a, _, _ in self.specs if a is not None):
+                    peft.set_adapter(name)
+                    q, _ = self.model.q_and_base_logits(ids, mask, need_base=False)
+                    for j, (a, a0, at) in enumerate(self.specs):
+                        if a == name:
+                            out[j] = per_span(q, base if a0 != 0 else None, a0, at)
+                    del q
+            finally:
+                peft.set_adapter(active)
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: Optional[int] = None):
         """requests: [((context, continuation) | None, context_enc, continuation_enc)] -> [(logprob, is_greedy)]."""
         bs = override_bs or self.batch_size
+        cache = self.shared["loglikelihood"]
+        keys = [(tuple(ctx), tuple(cont)) for _, ctx, cont in requests]
+        if all(k in cache for k in keys):  # computed with another policy's requests
+            results = [cache[k][self.policy_index] for k in keys]
+            for (key, _, _), res in zip(requests, results):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, res)
+            return results
         prepared = []  # (request index, tokens fed = context + continuation, span of scored positions)
         for n, (_key, ctx, cont) in enumerate(requests):
             if not cont:
@@ -198,8 +269,10 @@ class QAdapterLM(TemplateLM):
         for b in range(0, len(order), bs):
             chunk = [prepared[i] for i in order[b : b + bs]]
             got = self.custom_logprobs([whole for _, whole, _ in chunk], [span for _, _, span in chunk])
-            for (n, _, _), (lp, greedy) in zip(chunk, got):
-                res = (float(lp.double().sum()), bool(greedy.all()))
+            for c, (n, _, _) in enumerate(chunk):
+                every = [(float(lp.double().sum()), bool(greedy.all())) for lp, greedy in (g[c] for g in got)]
+                cache[keys[n]] = every
+                res = every[self.policy_index]
                 results[n] = res
                 if requests[n][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[n][0], res)
@@ -222,6 +295,8 @@ class QAdapterLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        cache = self.shared["generate_until"]
+        keys = [json.dumps([req.args[0], req.args[1]], sort_keys=True, default=str) for req in requests]
         results: list[Optional[str]] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -241,8 +316,14 @@ class QAdapterLM(TemplateLM):
                 log.warning("qadapter: ignoring generation kwargs %s", sorted(kwargs))
             for b in range(0, len(idxs), self.batch_size):
                 batch = idxs[b : b + self.batch_size]
-                texts = self.generate_batch([requests[i].args[0] for i in batch], max_gen, do_sample,
-                                            temperature if do_sample else 1.0, top_p)
+                if all(keys[i] in cache for i in batch):  # answered with another policy's requests
+                    texts = [cache[keys[i]][self.policy_index] for i in batch]
+                else:
+                    every = self.generate_batch([requests[i].args[0] for i in batch], max_gen, do_sample,
+                                                temperature if do_sample else 1.0, top_p, every_policy=True)
+                    for c, i in enumerate(batch):
+                        cache[keys[i]] = [texts[c] for texts in every]
+                    texts = every[self.policy_index]
                 for i, text in zip(batch, texts):
                     for stop in until:
                         if stop:
@@ -252,8 +333,9 @@ class QAdapterLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     def generate_batch(self, contexts: list[str], max_new_tokens: int, do_sample: bool = False,
-                       temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-        """Left-padded batch generation from pi_custom; returns the decoded new text (special tokens dropped)."""
+                       temperature: float = 1.0, top_p: float = 1.0, every_policy: bool = False):
+        """Left-padded batch generation from pi_custom; returns the decoded new text (special tokens dropped).
+        every_policy: a list of texts per policy of ``self.specs`` (greedy: one mixed-adapter decoder batch)."""
         room = max(1, self.max_length - max_new_tokens)
         encs = [self.tok_encode(c)[-room:] for c in contexts]
         pad = self.tokenizer.pad_token_id
@@ -263,13 +345,36 @@ class QAdapterLM(TemplateLM):
         for i, e in enumerate(encs):
             ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
             mask[i, width - len(e):] = 1
-        with torch.no_grad():
-            out = self.model.generate(ids.to(self._device), mask.to(self._device), max_new_tokens=max_new_tokens,
-                                      do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                      alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde,
-                                      eos_token_id=self.eot_token_id, pad_token_id=pad, need_base=self.need_base)
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        if len(self.specs) > 1 and not do_sample:
+            from qcore.generation import generate_policies
+
+            new, _ = generate_policies(self.model, ids, mask, self.specs, max_new_tokens,
+                                       eos_token_id=self.eot_token_id, pad_token_id=pad)
+            every = [self._texts(new[j].cpu()) for j in range(len(self.specs))]
+        else:  # one policy at a time (sampling: each policy draws from its own stream, as alone)
+            every = []
+            peft, active = self.model.peft_model, self.model.peft_model.active_adapter
+            try:
+                for j, (a, a0, at) in enumerate(self.specs):
+                    if not every_policy and j != self.policy_index:
+                        every.append(None)
+                        continue
+                    ctx = self.model.adapter_disabled() if a is None and len(self.specs) > 1 else nullcontext()
+                    if a is not None:
+                        peft.set_adapter(a)
+                    with torch.no_grad(), ctx:
+                        out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                  temperature=temperature, top_p=top_p, alpha_0=a0, alpha_tilde=at,
+                                                  eos_token_id=self.eot_token_id, pad_token_id=pad, need_base=a0 != 0)
+                    every.append(self._texts(out[:, width:].cpu()))
+            finally:
+                peft.set_adapter(active)
+        return every if every_policy else every[self.policy_index]
+
+    def _texts(self, new_tokens: torch.Tensor) -> list[str]:
         texts = []
-        for row in out[:, width:].cpu().tolist():
+        for row in new_tokens.tolist():
             if self.eot_token_id in row:
                 row = row[: row.index(self.eot_token_id)]
             texts.append(self.tok_decode(row))

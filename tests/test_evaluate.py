@@ -172,6 +172,42 @@ def test_kl_recorded_during_generation_equals_scoring_forward(tiny_model_dir, tm
     assert kls == [0.0] * len(PROMPTS) and sum(counts) > 0
 
 
+def test_all_policies_at_once_equal_one_at_a_time(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """No Ray: the stage's path (every policy of a batch at once, all adapters on one base) gives the per-policy
+    path's numbers: pair scores bit for bit (the same forwards), answers token for token, KL within 1e-4."""
+    from pipelines.evaluate import PolicyEvaluator
+
+    q_dir = _save_adapter(tiny_model_dir, tmp_path / "q", 1, QConfig(alpha_0=0.2, alpha_tilde=0.8))
+    d_dir = _save_adapter(tiny_model_dir, tmp_path / "d", 2, QConfig(), objective="dpo")
+    policies = [{"policy_id": "p0", "adapter": None, "alpha_0": 0.0, "alpha_tilde": 1.0},
+                {"policy_id": "p1", "adapter": q_dir, "alpha_0": 0.2, "alpha_tilde": 0.8},
+                {"policy_id": "p2", "adapter": d_dir, "alpha_0": 0.0, "alpha_tilde": 1.0},
+                {"policy_id": "p3", "adapter": q_dir, "alpha_0": 1.0, "alpha_tilde": 2.0}]
+    rows = _pair_rows(tiny_tokenizer)
+    together = PolicyEvaluator(tiny_model_dir, max_new_tokens=9, chunk_size=3, policies=policies)
+    pairs_all, answers_all = together.pair_scores_all(rows), together.generate_all(PROMPTS)
+    assert together.loads == 1  # one model for every policy
+    alone = PolicyEvaluator(tiny_model_dir, max_new_tokens=9, chunk_size=3)
+    for pol, pairs, (texts, kls, counts) in zip(policies, pairs_all, answers_all):
+        alone._load(pol["adapter"])
+        assert pairs == alone.pair_scores(rows, pol["alpha_0"], pol["alpha_tilde"]), pol["policy_id"]
+        t1, k1, c1 = alone.generate_and_kl(PROMPTS, pol["alpha_0"], pol["alpha_tilde"], want_kl=True)
+        assert (texts, counts) == (t1, c1), pol["policy_id"]
+        assert kls == pytest.approx(k1, rel=1e-4, abs=1e-6), pol["policy_id"]
+    assert answers_all[0][1] == [0.0] * len(PROMPTS) and min(answers_all[1][1]) > 0
+    assert len({tuple(a[0]) for a in answers_all}) > 1  # the policies answer differently
+    # the Ray Data call: item rows in, one row per policy and item out
+    import pandas as pd
+
+    df = pd.DataFrame([{"kind": "pairs", "idx": i, "prompt_json": r["prompt_json"],
+                        **{c: r[c] for c in ("chosen_input_ids", "chosen_response_mask", "rejected_input_ids",
+                                             "rejected_response_mask")}} for i, r in enumerate(rows)])
+    got = together(df)
+    assert len(got) == len(rows) * len(policies)
+    p3 = got[got.policy_id == "p3"].sort_values("idx")
+    assert list(p3.logp_chosen) == pairs_all[3][0]
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_evaluate_stage(ray_session, tiny_model_dir, tiny_tokenizer, tmp_path):

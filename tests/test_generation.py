@@ -329,3 +329,71 @@ def test_per_row_dial_equals_each_row_alone(tiny_model):
                    alpha_tilde=at)
     assert torch.equal(lim[1, 9:12], alone[1][:3]) and bool((lim[1, 12:] == PAD).all())
     assert torch.equal(lim[0, 9:], alone[0]) and torch.equal(lim[2, 9:], alone[2])
+
+
+def _two_adapter_model(tiny_model):
+    """The tiny Llama with two different LoRA adapters ("default", "other"), both perturbed."""
+    from peft import LoraConfig
+
+    model = _model(tiny_model)
+    model.peft_model.add_adapter("other", LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "v_proj"]))
+    _perturb_lora(model, seed=2)  # re-draws both adapters' weights
+    model._tuner_layer_cache = None
+    return model.eval()
+
+
+def _kl_by_forward(model, adapter, prompt, new, alpha_0, alpha_tilde):
+    """Sum over the generated tokens of KL(pi_policy || pi_base) from one full forward (no generation code)."""
+    from qcore.metrics import token_kl
+
+    seq = torch.cat([prompt, new])[None, :-1]
+    model.peft_model.set_adapter(adapter)
+    with torch.no_grad():
+        q, base = model.q_and_base_logits(seq, torch.ones_like(seq))
+        custom = model.customized_logits(q, base, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+        return float(token_kl(custom, base.float())[0, len(prompt) - 1:].double().sum())
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_generate_policies_equals_each_policy_alone(tiny_model, prune):
+    """Several policies of one base in one decoder batch (the evaluate stage's and lm-eval's path): each policy's
+    tokens equal generate() with that adapter alone, rows that hit EOS stop (pruned or padded), and the KL sums
+    recorded while decoding equal a full forward over prompt + answer (fp32, 1e-4)."""
+    from qcore.generation import generate_policies
+
+    model = _two_adapter_model(tiny_model)
+    ids, mask, raw = _prompts(lengths=(3, 6, 9, 4))
+    policies = [(None, 0.0, 1.0), ("default", 0.5, 0.8), ("other", 0.0, 1.0), ("default", 2.0, 1.5)]
+    kl = [False, True, True, True]
+
+    def alone(adapter, a0, at, eos):
+        if adapter is None:
+            with model.adapter_disabled():  # the base model's own policy: adapter off
+                return generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD,
+                                alpha_0=0.0, alpha_tilde=1.0, need_base=False)[:, ids.shape[1]:]
+        model.peft_model.set_adapter(adapter)
+        return generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD, alpha_0=a0,
+                        alpha_tilde=at)[:, ids.shape[1]:]
+
+    free = [alone(*pol, eos=[]) for pol in policies]
+    eos = [int(free[1][0, 2]), int(free[2][1, 4])]  # tokens some rows emit mid-answer: rows finish at different steps
+    want = [alone(*pol, eos=eos) for pol in policies]
+    got, kl_sums = generate_policies(model, ids, mask, policies, max_new_tokens=10, eos_token_id=eos,
+                                     pad_token_id=PAD, kl=kl, prune=prune)
+    assert got.shape[:2] == (4, 4)
+    lengths_seen = set()
+    for j, pol in enumerate(policies):
+        w, g = want[j], got[j]
+        n = max(w.shape[1], g.shape[1])
+        w = torch.nn.functional.pad(w, (0, n - w.shape[1]), value=PAD)
+        g = torch.nn.functional.pad(g, (0, n - g.shape[1]), value=PAD)
+        assert torch.equal(g, w), j
+        for i in range(4):
+            row = g[i].tolist()
+            length = next((t + 1 for t, x in enumerate(row) if x in eos), n)
+            lengths_seen.add(length)
+            ref = _kl_by_forward(model, pol[0], raw[i], g[i, :length], pol[1], pol[2]) if kl[j] else 0.0
+            assert float(kl_sums[j, i]) == pytest.approx(ref, abs=1e-4, rel=1e-4), (j, i)
+    assert len(lengths_seen) > 2  # the EOS ids did stop rows at different steps
+    assert float(kl_sums[1].sum()) > 1e-3  # a policy away from the base has KL > 0

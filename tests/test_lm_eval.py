@@ -169,6 +169,44 @@ def test_model_args_and_base_policy(tiny_model_dir, adapter_dir):
     assert got == pytest.approx(ref, abs=1e-4)
 
 
+def test_policies_on_one_model_equal_each_policy_alone(tiny_model_dir, adapter_dir):
+    """QAdapterLM.for_policies (the evaluate stage's lm-eval path: every policy on one model, each request list
+    computed for all at once and cached): per item the same loglikelihoods bit for bit and the same answers as a
+    one-policy QAdapterLM each, and the second policy's simple_evaluate runs no forward at all."""
+    from lm_eval.tasks import TaskManager
+
+    from qcore.lm_eval_model import QAdapterLM
+
+    dpo = str(Path(adapter_dir).parent / "dpo_adapter")
+    policies = [(None, 0.0, 1.0), (adapter_dir, ALPHA_0, ALPHA_TILDE), (dpo, 0.0, 1.0), (adapter_dir, 0.0, 2.0)]
+    views = QAdapterLM.for_policies(tiny_model_dir, policies, batch_size=2)
+    calls = []
+    hook = views[0].model.peft_model.register_forward_hook(lambda *a: calls.append(1))
+    tasks = ["qadapter_tiny_mc", "qadapter_tiny_gen", "qadapter_tiny_text"]
+    tm = TaskManager(include_path=str(DATA), include_defaults=False)
+
+    def run(lm):
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, log_samples=True, bootstrap_iters=0)
+        return {t: [s["filtered_resps"] for s in res["samples"][t]] for t in tasks}
+
+    cwd = os.getcwd()
+    os.chdir(DATA)
+    try:
+        together, forwards = [], []
+        for view in views:
+            together.append(run(view))
+            forwards.append(len(calls))
+        hook.remove()
+        for (adapter, a0, at), got in zip(policies, together):
+            alone = QAdapterLM(pretrained=tiny_model_dir, adapter=adapter, alpha_0=a0, alpha_tilde=at, batch_size=2)
+            assert got == run(alone), (adapter, a0, at)
+    finally:
+        os.chdir(cwd)
+    assert forwards[0] > 0 and forwards[1:] == [forwards[0]] * 3  # policies 2..4: all from the cache
+    assert together[1]["qadapter_tiny_mc"] != together[0]["qadapter_tiny_mc"]  # the policies do differ
+    assert together[3]["qadapter_tiny_mc"] != together[1]["qadapter_tiny_mc"]
+
+
 @pytest.mark.slow
 def test_cli_entry_point(tiny_model_dir, adapter_dir, tmp_path):
     """`python -m qcore.lm_eval_model --model qadapter ...` runs lm-eval's CLI with the model registered."""
