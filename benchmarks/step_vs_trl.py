@@ -37,7 +37,11 @@ for the LM head - the same count for every peer, so model GFLOP/s compares speed
 recomputation; CPU flash attention is not counted) - the hardware's utilization.
 
 Timing: all peers (and dtypes) in this process, interleaved per round (rotating order), medians over rounds; the
-load average is printed. Peak memory (``--memory``, on by default in a full run): each peer alone in a fresh
+load average is printed. OpenMP wait policy (``--omp-wait``, before torch loads): ``auto`` = ACTIVE (spinning
+threads) when the 1-minute load average at start is below 0.5, else the benchmarks' PASSIVE default (spinning
+collapses on an oversubscribed machine). It matters in bf16: a bf16 step runs thousands of parallel regions of
+0.1-0.6 ms and a sleeping thread's wake-up is a large share of each (SmolLM2 bf16 fused step, 4 pairs x 256,
+2 threads, idle: 5.03 s PASSIVE, 3.10 s ACTIVE; fp32 9.63 / 7.73 s). An OMP_WAIT_POLICY in the environment wins. Peak memory (``--memory``, on by default in a full run): each peer alone in a fresh
 subprocess, peak RSS (VmHWM) over 3 steps, and its growth over the RSS after loading the model and batch.
 Ratios and the roofline are printed last.
 """
@@ -51,6 +55,7 @@ import sys
 import tempfile
 import time
 
+_USER_OMP_WAIT = os.environ.get("OMP_WAIT_POLICY")  # before _common sets its PASSIVE default
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets sys.path to the repo root and offline env vars)
 
@@ -330,6 +335,19 @@ def check_bf16(model_dir: str, batch: dict) -> dict:
             for name, (loss, g) in out.items() if name != "float64"}
 
 
+def set_omp_wait(choice: str) -> str:
+    """OMP_WAIT_POLICY for this process (and the memory children), chosen before torch loads; returns a note."""
+    if "torch" in sys.modules:
+        return f"OpenMP wait policy {os.environ.get('OMP_WAIT_POLICY')} (torch already loaded: --omp-wait ignored)"
+    if _USER_OMP_WAIT is not None:
+        os.environ["OMP_WAIT_POLICY"] = _USER_OMP_WAIT
+        return f"OpenMP wait policy {_USER_OMP_WAIT} (from the environment)"
+    load = os.getloadavg()[0]
+    policy = {"active": "ACTIVE", "passive": "PASSIVE"}.get(choice) or ("ACTIVE" if load < 0.5 else "PASSIVE")
+    os.environ["OMP_WAIT_POLICY"] = policy
+    return f"OpenMP wait policy {policy} (--omp-wait {choice}, 1-min load {load:.2f} at start)"
+
+
 def resolve_dtypes(requested: list[str]) -> tuple[list[str], str]:
     """--dtypes: 'auto' = float32, and bfloat16 where the CPU has native bf16 (a note says why not otherwise)."""
     from qcore.config import ModelConfig
@@ -519,6 +537,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                     help="peak RSS per peer in subprocesses (default: on, off with --quick)")
     ap.add_argument("--quick", action="store_true", help="2 pairs x 128 tokens, 3 rounds, no memory runs")
+    ap.add_argument("--omp-wait", choices=["auto", "active", "passive"], default="auto",
+                    help="OpenMP wait policy (auto: active when the machine is idle at start; see the module doc)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -526,6 +546,7 @@ def main(argv=None) -> dict:
         args.pairs, args.length, args.rounds = min(args.pairs, 2), min(args.length, 128), min(args.rounds, 3)
     if args.memory is None:
         args.memory = not args.quick
+    wait_note = set_omp_wait(args.omp_wait)  # before torch loads (resolve_dtypes reads /proc/cpuinfo only)
     args.dtypes, dtype_note = resolve_dtypes(args.dtypes)
 
     import torch
@@ -536,6 +557,7 @@ def main(argv=None) -> dict:
         return {}
     _common.header("Q-Adapter training step vs TRL DPO", threads=args.threads, dtypes=" ".join(args.dtypes),
                    command=" ".join([os.path.relpath(sys.executable), *sys.argv]))
+    print(f"   {wait_note}")
     if dtype_note:
         print(f"   {dtype_note}")
     results = [bench_model(m, args) for m in args.models]

@@ -244,10 +244,12 @@ def fused_loss(qmodel, objective: str, batch: dict, q_cfg=None, dpo_beta: float 
     positions = scored_positions(objective, input_ids, batch["response_mask"], q_cfg.mask_alignment)
     share = share_prefix and need_base
     base_hidden = None
-    if need_base:
-        with torch.no_grad(), qmodel.adapter_disabled(), qmodel.eval_mode():
-            base_hidden, _ = hidden_at(hf_model, input_ids, attention_mask, positions, share)
-    q_hidden, shared = hidden_at(hf_model, input_ids, attention_mask, positions, share)
+    with qmodel.training_attention():  # bf16 on a CPU: matmul attention at short lengths (see qcore.model)
+        if need_base:
+            with torch.no_grad(), qmodel.adapter_disabled(), qmodel.eval_mode():
+                base_hidden, _ = hidden_at(hf_model, input_ids, attention_mask, positions, share)
+        with qmodel.lora_in_compute_dtype():  # bf16 base: LoRA multiplies in bf16 too (fp32 master weights)
+            q_hidden, shared = hidden_at(hf_model, input_ids, attention_mask, positions, share)
     with _gathered(head.weight, head.bias):
         loss, metrics = compute_loss_from_hidden(objective, q_hidden, base_hidden, head.weight, positions, q_cfg,
                                                  dpo_beta, lm_head_bias=head.bias, chunk_tokens=chunk_tokens)

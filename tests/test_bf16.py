@@ -115,3 +115,83 @@ def test_bf16_loss_and_lora_grads_within_tolerance(tiny_model_dir, tiny_tokenize
     loss_err, grad_err, cos = err["bfloat16"]
     assert loss_err <= 2 * U and grad_err <= 8 * U and cos >= 0.999, err["bfloat16"]
     assert grad_err > 10 * err["float32"][1]  # the bf16 model really computed in bf16
+
+
+def test_bf16_base_runs_the_lora_path_in_bf16_with_fp32_master_weights(tiny_model_dir, tiny_tokenizer):
+    """On a bf16 base the adapter-on pass multiplies the LoRA matrices in bf16 (peft alone would cast the bf16
+    activations up to the fp32 LoRA weights); weights, gradients and AdamW state stay float32;
+    ``lora_compute = "float32"`` gives peft's path back, and the two agree within the stated 8u."""
+    from peft import LoraConfig
+
+    from pipelines.train import _loss, build_model
+    from qcore.model import _InputDtypeLinear
+
+    batch = _fixed_batch(tiny_tokenizer)
+    cfg = tiny_cfg(Path("/tmp"), objective="qadapter", fused=True, model_dtype="bfloat16")
+    model = build_model(cfg, tiny_model_dir)
+    model.train()
+    params = dict(model.peft_model.named_parameters())
+    lora = [n for n in params if "lora_" in n]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in lora:
+            params[n].copy_(torch.randn(params[n].shape, generator=g) * (0.02 if "lora_B" in n else 0.2))
+    seen = []
+    proj = next(m for n, m in model.peft_model.named_modules() if n.endswith("lora_A.default"))
+    proj.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+    grads = {}
+    for mode in ("auto", "float32"):
+        model.lora_compute = mode
+        seen.clear()
+        loss, _ = _loss(model, batch, cfg)
+        assert loss.dtype == torch.float32
+        want = torch.bfloat16 if mode == "auto" else torch.float32
+        assert seen and set(seen) == {(want, want)}, seen  # adapter-on decoder calls (prefix, continuations)
+        grads[mode] = torch.autograd.grad(loss, [params[n] for n in lora])
+        assert all(gr.dtype == torch.float32 for gr in grads[mode])
+        assert all(layer.cast_input_dtype_enabled for layer in model._tuner_layers())  # peft's flag restored
+    a, b = (torch.cat([gr.flatten() for gr in grads[m]]) for m in ("auto", "float32"))
+    assert 0 < float((a - b).norm() / b.norm()) <= 8 * U
+    assert type(proj) is _InputDtypeLinear and all(params[n].dtype == torch.float32 for n in lora)
+
+    model.lora_compute = "auto"  # AdamW on the fp32 master weights: fp32 state
+    opt = torch.optim.AdamW([params[n] for n in lora], lr=1e-3)
+    _loss(model, batch, cfg)[0].backward()
+    opt.step()
+    assert {s["exp_avg"].dtype for s in opt.state.values()} == {torch.float32}
+
+    # an adapter added later (evaluation loads several) switches too on its first bf16 pass
+    model.peft_model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.peft_model.set_adapter("second")
+    loss, _ = _loss(model, batch, cfg)
+    assert torch.isfinite(loss)
+    assert any(type(m) is _InputDtypeLinear for n, m in model.peft_model.named_modules()
+               if n.endswith("lora_A.second"))
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "none", "float"])
+def test_cpu_bf16_attention_matches_sdpa(mask_kind):
+    """The matmul attention the bf16 training passes use on a CPU (qcore.model._cpu_bf16_attention) against torch's
+    SDPA in float64: GQA heads, a KV cache longer than the queries, padding, a fully masked row (no NaN)."""
+    import torch.nn.functional as F
+
+    from qcore.model import _cpu_bf16_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, q_len, k_len, d = 2, 6, 2, 5, 9, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
+    causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    mask = causal.expand(b, 1, q_len, k_len).clone()
+    mask[1, :, :, :3] = False  # row 1: three padding keys
+    mask[1, :, 0] = False  # and one query that sees nothing
+    attn = {"bool": mask, "none": None,
+            "float": torch.zeros(b, 1, q_len, k_len).masked_fill(~mask, torch.finfo(torch.float32).min)}[mask_kind]
+    ref_mask = causal if mask_kind == "none" else mask
+    rep = heads // kv_heads
+    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                         v.double().repeat_interleave(rep, 1), attn_mask=ref_mask)
+    out, _ = _cpu_bf16_attention(torch.nn.Module(), q.bfloat16(), k.bfloat16(), v.bfloat16(), attn)
+    assert out.dtype == torch.bfloat16 and out.shape == (b, q_len, heads, d) and torch.isfinite(out).all()
+    live = ref_mask.expand(b, 1, q_len, k_len).any(-1)[:, 0]  # queries that see at least one key
+    err = (out.double() - ref.transpose(1, 2))[live].abs().max()
+    assert err <= 4 * U * ref.abs().max(), err
