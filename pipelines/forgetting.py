@@ -205,8 +205,9 @@ def evaluate_policies(cfg: Config, policies: list[dict], threads: int, device: s
     return out
 
 
-def _plan(cfg: Config, n_policies: int) -> tuple[int, int, int]:
-    """(concurrent tasks, CPUs = torch threads per task, GPUs per task) from the cluster's resources."""
+def _plan(cfg: Config, n_policies: int) -> tuple[int, int]:
+    """(CPUs = torch threads, GPUs) of the one lm-eval task: the CPUs that min(#policies, cluster CPUs) one-policy
+    tasks (on GPU: one per cluster GPU) would have shared, capped by what one node offers (per GPU on a GPU run)."""
     import ray
 
     use_gpu = cfg.train.use_gpu
@@ -222,8 +223,9 @@ def _plan(cfg: Config, n_policies: int) -> tuple[int, int, int]:
     else:
         concurrent = max(1, min(n_policies, cpus))
         per_node = [int(r.get("CPU", 0)) for r in nodes]
-    threads = max(1, min(cpus // concurrent, max(per_node, default=1)))
-    return concurrent, threads, 1 if use_gpu else 0
+    node_cpus = max(per_node, default=1)
+    threads = max(1, min(cpus // concurrent, node_cpus))  # what each one-policy task had
+    return min(threads * concurrent, max(threads, node_cpus)), 1 if use_gpu else 0
 
 
 def lm_eval_policies(cfg: Config, policies: list[dict], out_dir: str) -> dict[str, dict[str, dict]]:
@@ -246,10 +248,8 @@ def lm_eval_policies(cfg: Config, policies: list[dict], out_dir: str) -> dict[st
         if p.get("objective") in PLAIN_OBJECTIVES and (float(p["alpha_0"]), float(p["alpha_tilde"])) != (0.0, 1.0):
             raise ValueError(f"policy {p['policy_id']}: a {p['objective']} adapter is evaluated as softmax(Q) "
                              f"(alpha_0 0, alpha_tilde 1), got alpha_0 {p['alpha_0']}, alpha_tilde {p['alpha_tilde']}")
-    # One task for all policies (they share one model and each request's passes); it gets the CPUs that
-    # min(#policies, cluster CPUs) one-policy tasks would have shared, capped by one node's.
-    concurrent, threads, gpus = _plan(cfg, len(policies))
-    threads = min(threads * concurrent, max(threads, _node_cpus(gpus)))
+    # one task for all policies: they share one model and each request's passes
+    threads, gpus = _plan(cfg, len(policies))
     device = "cuda" if gpus else "cpu"
     log.info("lm-eval: %d policies x %s in one task, %d CPU(s)%s", len(policies), lc.tasks, threads,
              ", 1 GPU" if gpus else "")
@@ -266,12 +266,3 @@ def lm_eval_policies(cfg: Config, policies: list[dict], out_dir: str) -> dict[st
         out[pid] = got["summary"]
     return out
 
-
-def _node_cpus(gpus: int) -> int:
-    """The most CPUs one alive node offers a task (per GPU on a GPU run)."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if gpus:
-        return max((int(r.get("CPU", 0) // r["GPU"]) for r in nodes if r.get("GPU", 0) >= 1), default=1)
-    return max((int(r.get("CPU", 0)) for r in nodes), default=1)
