@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,12 +33,14 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/lr_sweep/tune")
     args = ap.parse_args(argv)
 
+    import pandas as pd
+
     from pipelines import full
     from pipelines.common import init_ray
-    from pipelines.tune import tune_stage
+    from pipelines.tune import _md_table, tune_stage
     from qcore.config import apply_overrides, load_config
 
-    cfg = apply_overrides(load_config(args.config), {"run.name": "lr_sweep"})  # its own run dir: no cached run reused or overwritten
+    cfg = apply_overrides(load_config(args.config), {"run.name": "lr_sweep"})  # own run dir: no cached run reused
     _common.header("lr_sweep", config=args.config, methods=args.methods, lrs=args.lrs)
     init_ray(cfg)
     data_dir = full.run_pipeline(cfg, only="preprocess")["preprocess"]["out_dir"]
@@ -50,27 +51,20 @@ def main(argv=None):
             "tune.scheduler": "fifo", "tune.metric": "eval_loss", "tune.mode": "min",
             "tune.num_workers": cfg.train.num_workers, "tune.max_steps": -1,
             "train.eval_max_pairs": args.eval_pairs, "train.report_every": args.report_every})
-        t0 = time.time()
         out = tune_stage(mcfg, data_dir, f"{args.out}/{method}")
-        seconds = time.time() - t0
         best[method] = out["best_overrides"]["train.lr"]
-        import pandas as pd
-
         table = pd.read_csv(out["results_csv"])
+        table = table.astype(object).where(table.notna(), None)  # no pair accuracy for sft: a blank cell, not nan
         for _, r in table.sort_values("train.lr").iterrows():
-            rows.append({"method": method, "lr": r["train.lr"], "status": r["status"],
-                         "eval_loss": r.get("eval_loss"), "eval_acc": r.get("eval_rewards/accuracies"),
-                         "chosen": r["train.lr"] == best[method]})
-        print(f"[lr_sweep] {method}: best lr {best[method]:g} ({seconds:.0f} s for {len(table)} trials)", flush=True)
+            rows.append([method, r["train.lr"], r["status"], r.get("eval_loss"), r.get("eval_rewards/accuracies"),
+                         "yes" if r["train.lr"] == best[method] else ""])
+        print(f"[lr_sweep] {method}: best lr {best[method]:g} ({out['seconds']:.0f} s for {len(table)} trials)",
+              flush=True)
     if "sft" in best:
         best.setdefault("replay", best["sft"])
 
-    print("\n| method | train.lr | status | final eval_loss | final eval pair accuracy | chosen |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        acc = "" if r["eval_acc"] != r["eval_acc"] or r["eval_acc"] is None else f"{r['eval_acc']:.3f}"
-        print(f"| {r['method']} | {r['lr']:g} | {r['status']} | {r['eval_loss']:.4f} | {acc} | "
-              f"{'yes' if r['chosen'] else ''} |")
+    print("\n" + _md_table(["method", "train.lr", "status", "final eval_loss", "final eval pair accuracy", "chosen"],
+                           rows))
     print("\ntrain:\n  method_overrides:")
     for method, lr in best.items():
         print(f"    {method}: {{train.lr: {lr:g}}}")
