@@ -19,6 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qcore.ops import cpu_chunk_rows
+
+
+def _positions_per_chunk(chunk_size: int, rows: int, vocab: int, device) -> int:
+    """``chunk_size`` positions x ``rows``, fewer on a CPU where that exceeds ``qcore.ops.CPU_CHUNK_BYTES``."""
+    return max(1, cpu_chunk_rows(chunk_size * rows, vocab, device) // rows)
+
 
 def token_kl(custom_logits: torch.Tensor, base_logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
     """KL(softmax(custom) || softmax(base)) at every position: [B, T, V] x 2 -> [B, T] float32.
@@ -33,7 +40,8 @@ def token_kl(custom_logits: torch.Tensor, base_logits: torch.Tensor, chunk_size:
     squeeze = custom_logits.dim() == 2
     if squeeze:
         custom_logits, base_logits = custom_logits.unsqueeze(0), base_logits.unsqueeze(0)
-    b, t, _ = custom_logits.shape
+    b, t, vocab = custom_logits.shape
+    chunk_size = _positions_per_chunk(chunk_size, b, vocab, custom_logits.device)
     out = torch.empty(b, t, dtype=torch.float32, device=custom_logits.device)
     for s in range(0, t, chunk_size):
         lp = F.log_softmax(custom_logits[:, s : s + chunk_size].float(), dim=-1)
@@ -70,7 +78,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
     """log_softmax(logits)[b, t, targets[b, t]]: [B, T, V], [B, T] -> [B, T] float32, chunked over T."""
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
-    b, t, _ = logits.shape
+    b, t, vocab = logits.shape
+    chunk_size = _positions_per_chunk(chunk_size, b, vocab, logits.device)
     out = torch.empty(b, t, dtype=torch.float32, device=logits.device)
     for s in range(0, t, chunk_size):
         chunk = logits[:, s : s + chunk_size].float()

@@ -43,6 +43,21 @@ def _check_chunk_size(chunk_size: int) -> int:
 # at a time. No ``[*, V]`` tensor outlives a chunk, in the forward or in the backward; only per-token scalars (and,
 # for hidden states, ``[M, H]`` tensors) are saved for backward.
 # ----------------------------------------------------------------------------------------------------------------
+CPU_CHUNK_BYTES = 16 * 2 ** 20  # a CPU chunk's float32 [rows, V]: well under glibc's 32 MiB mmap ceiling
+
+
+def cpu_chunk_rows(rows: int, vocab: int, device) -> int:
+    """``rows`` of [*, vocab] float32 per chunk, on a CPU at most CPU_CHUNK_BYTES of them (1 row at least).
+
+    glibc serves a block above its mmap threshold (at most 32 MiB) with fresh zeroed pages on every allocation:
+    at 256 x 49,152 (SmolLM2) each full-vocabulary temporary of a chunk cost ~20 ms of page faults where an
+    in-place pass over it takes ~1 ms, and the bf16 fused step ran 17 % faster at 85 rows (benchmarks/RESULTS.md,
+    step_vs_trl). GPU allocators cache blocks: no cap there."""
+    if torch.device(device).type != "cpu":
+        return int(rows)
+    return max(1, min(int(rows), CPU_CHUNK_BYTES // (4 * int(vocab))))
+
+
 def _chunks(m: int, chunk: int):
     for s in range(0, m, chunk):
         yield s, min(s + chunk, m)
@@ -252,8 +267,9 @@ def token_stats(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: to
         log pi_custom = log_softmax(logits_custom)
 
     q_logits, base_logits: ``[N, L, V]`` (any float dtype); input_ids: ``[N, L]``. base_logits get no gradient
-    (neither does ``logp_pre``). Chunks of ``chunk_size`` positions x N rows; the gradient of q_logits is written
-    chunk by chunk into one buffer, so the backward adds that buffer and one chunk's temporaries, nothing more.
+    (neither does ``logp_pre``). Chunks of ``chunk_size`` positions x N rows (on a CPU at most CPU_CHUNK_BYTES of
+    float32); the gradient of q_logits is written chunk by chunk into one buffer, so the backward adds that buffer
+    and one chunk's temporaries, nothing more.
     """
     if base_logits is None:
         raise ValueError("token_stats needs base_logits (the adapter-off logits)")
@@ -262,9 +278,9 @@ def token_stats(q_logits: torch.Tensor, base_logits: torch.Tensor, input_ids: to
                          f"input_ids {tuple(input_ids.shape)}")
     if alpha_tilde <= 0:
         raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
-    chunk = _check_chunk_size(chunk_size) * input_ids.shape[0]
-    labels = _row_labels(input_ids, q_logits.device)
     vocab = q_logits.shape[-1]
+    chunk = cpu_chunk_rows(_check_chunk_size(chunk_size) * input_ids.shape[0], vocab, q_logits.device)
+    labels = _row_labels(input_ids, q_logits.device)
     out = _QStats.apply(q_logits.reshape(-1, vocab), base_logits.detach().reshape(-1, vocab), None, None, labels,
                         float(alpha_0), float(alpha_tilde), chunk, True)
     return TokenStats(*(_shifted(x, input_ids) for x in out))
@@ -274,7 +290,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: in
     """``log_softmax(logits)[:, t, input_ids[:, t+1]]``: ``[N, L-1]`` in (at least) float32, chunked."""
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}")
-    chunk = _check_chunk_size(chunk_size) * input_ids.shape[0]
+    chunk = cpu_chunk_rows(_check_chunk_size(chunk_size) * input_ids.shape[0], logits.shape[-1], logits.device)
     labels = _row_labels(input_ids, logits.device)
     out = _LogProb.apply(logits.reshape(-1, logits.shape[-1]), None, None, labels, chunk)
     return _shifted(out, input_ids)

@@ -9,7 +9,8 @@ amplify relative rounding error, so its norm-wise relative error may reach sever
 and a cosine >= 0.999 to the float64 gradient (the bf16 step points within 2.6 degrees of the exact one).
 Measured on this fixed batch (tiny model, 2 layers): loss 5e-6..1.7e-4 relative, gradients 6-7e-3, cosine
 0.99997. Deeper models compound the rounding: SmolLM2-135M (30 layers; benchmarks/step_vs_trl.py prints the same
-check in every bf16 run) gave loss 6.5e-3 (within 2u), gradients 5.9e-2 (beyond 8u), cosine 0.998.
+check in every bf16 run) gave loss 1.0e-3 (within 2u), LoRA gradients 3.8e-2 (just beyond 8u), cosine 0.9993
+(2026-12-02, bf16 LoRA path; benchmarks/RESULTS.md).
 """
 import logging
 from pathlib import Path

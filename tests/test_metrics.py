@@ -86,6 +86,37 @@ def test_token_logprobs_matches_reference():
             assert out[b, t].item() == pytest.approx(ref, rel=1e-5, abs=1e-5)
 
 
+def test_cpu_chunk_cap_keeps_kl_and_logprobs_exact(monkeypatch):
+    """On a CPU a chunk holds at most ops.CPU_CHUNK_BYTES of float32 logits: here 2 rows x 8 vocab x 4 bytes = 64
+    bytes, so 2 rows per chunk, i.e. 1 position of the 2 sequences at a time, whatever chunk_size asks."""
+    from qcore import ops
+
+    monkeypatch.setattr(ops, "CPU_CHUNK_BYTES", 64)
+    assert ops.cpu_chunk_rows(256, 8, "cpu") == 2 and ops.cpu_chunk_rows(256, 8, "meta") == 256
+    assert metrics._positions_per_chunk(128, 2, 8, "cpu") == 1
+    g = torch.Generator().manual_seed(5)
+    custom, base = torch.randn(2, 3, 8, generator=g) * 3, torch.randn(2, 3, 8, generator=g) * 3
+    targets = torch.randint(0, 8, (2, 3), generator=g)
+    kl, logp = metrics.token_kl(custom, base, chunk_size=128), metrics.token_logprobs(custom, targets, 128)
+    for b in range(2):
+        for t in range(3):
+            row = [float(v) for v in custom[b, t].tolist()]
+            m = max(row)
+            assert logp[b, t].item() == pytest.approx(
+                row[targets[b, t]] - (math.log(sum(math.exp(v - m) for v in row)) + m), rel=1e-5, abs=1e-5)
+            assert kl[b, t].item() == pytest.approx(_kl_reference(row, base[b, t].tolist()), rel=1e-4, abs=1e-6)
+
+
+def test_cpu_chunk_rows_by_hand():
+    from qcore import ops
+
+    # 16 MiB / (4 bytes x 49,152) = 85.3: SmolLM2's vocabulary; 128,256 (Llama 3): 32.7; a tiny vocabulary: no cap
+    assert ops.CPU_CHUNK_BYTES == 16 * 2 ** 20
+    assert ops.cpu_chunk_rows(256, 49152, "cpu") == 85 and ops.cpu_chunk_rows(256, 128256, "cpu") == 32
+    assert ops.cpu_chunk_rows(256, 256, "cpu") == 256 and ops.cpu_chunk_rows(256, 49152, "meta") == 256
+    assert ops.cpu_chunk_rows(4, 10 ** 9, "cpu") == 1
+
+
 def test_win_rate_ties_count_half():
     assert metrics.win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, 0.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     base = [0.3, -1.0, 2.5]
