@@ -67,6 +67,13 @@ def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path, capsys):
                            "q.alpha_0": {"type": "loguniform", "low": 0.001, "high": 0.1}}},
         "run": {"name": "t", "seed": 0, "mlflow_tracking_uri": f"file://{tmp_path}/mlruns"},
     })
+    # The concurrency is derived from the CPUs free at the call: wait for the shared session's earlier tests to
+    # release theirs (an exiting actor of the previous test once left 3 of 4 free, and 1 trial at a time).
+    import ray
+
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.5)
     t0 = time.time()
     out = tune_stage(cfg, data, str(tmp_path / "tune"))
     print(f"\n[wall] 2-trial tune_stage (1 worker/trial, 2 steps each, {out['max_concurrent_trials']} at a time): "
