@@ -37,12 +37,6 @@ def _check_chunk_size(chunk_size: int) -> int:
     return int(chunk_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The autograd functions. Their rows are tokens: logits rows ``[M, V]`` (``weight`` None), or
-# final hidden states ``[M, H]`` that the LM head ``weight`` ``[V, H]`` (+ ``bias``) projects, one chunk of rows
-# at a time. No ``[*, V]`` tensor outlives a chunk, in the forward or in the backward; only per-token scalars (and,
-# for hidden states, ``[M, H]`` tensors) are saved for backward.
-# ----------------------------------------------------------------------------------------------------------------
 CPU_CHUNK_BYTES = 16 * 2 ** 20  # a CPU chunk's float32 [rows, V]: well under glibc's 32 MiB mmap ceiling
 
 
@@ -51,13 +45,19 @@ def cpu_chunk_rows(rows: int, vocab: int, device) -> int:
 
     glibc serves a block above its mmap threshold (at most 32 MiB) with fresh zeroed pages on every allocation:
     at 256 x 49,152 (SmolLM2) each full-vocabulary temporary of a chunk cost ~20 ms of page faults where an
-    in-place pass over it takes ~1 ms, and the bf16 fused step ran 17 % faster at 85 rows (benchmarks/RESULTS.md,
+    in-place pass over it takes ~1 ms, and the bf16 fused step ran 15 % faster at 85 rows (benchmarks/RESULTS.md,
     step_vs_trl). GPU allocators cache blocks: no cap there."""
     if torch.device(device).type != "cpu":
         return int(rows)
     return max(1, min(int(rows), CPU_CHUNK_BYTES // (4 * int(vocab))))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The autograd functions. Their rows are tokens: logits rows ``[M, V]`` (``weight`` None), or
+# final hidden states ``[M, H]`` that the LM head ``weight`` ``[V, H]`` (+ ``bias``) projects, one chunk of rows
+# at a time. No ``[*, V]`` tensor outlives a chunk, in the forward or in the backward; only per-token scalars (and,
+# for hidden states, ``[M, H]`` tensors) are saved for backward.
+# ----------------------------------------------------------------------------------------------------------------
 def _chunks(m: int, chunk: int):
     for s in range(0, m, chunk):
         yield s, min(s + chunk, m)
