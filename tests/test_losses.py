@@ -379,6 +379,22 @@ def test_metrics_keys_and_consistency():
     assert md["rewards/margins"] == pytest.approx(md["rewards/chosen"] - md["rewards/rejected"], abs=1e-12)
 
 
+@pytest.mark.parametrize("a0,at", [(0.0, 1.0), (0.0, 0.7), (0.3, 1.0), (0.3, 0.7), (2.0, 1.5)])
+def test_token_stats_every_field_at_dial_corners(a0, at):
+    """Each field vs the scalar float64 reference at the dial's corners (alpha_0 = 0 skips the base in the
+    customized logits; alpha_tilde = 1 skips the division), in chunks of 2 rows, with the inputs left as given."""
+    q, base, batch = random_batch(seed=4)
+    q_in, base_in = q.clone(), base.clone()
+    st = losses.token_stats(q, base, batch["input_ids"], alpha_0=a0, alpha_tilde=at, chunk_size=1)
+    ids = batch["input_ids"].tolist()
+    for row in range(len(ids)):
+        for t in range(len(ids[0]) - 1):
+            ref = ref_token(q, base, ids, row, t, a0, at)
+            got = [float(x[row, t]) for x in st]
+            assert got == pytest.approx([_f(x) for x in ref], rel=1e-12, abs=1e-12), (row, t)
+    assert torch.equal(q, q_in) and torch.equal(base, base_in)
+
+
 def test_q_values_and_values_mean():
     q, base, batch = random_batch(seed=9)
     cfg = _cfg()

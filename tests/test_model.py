@@ -1,5 +1,6 @@
 """QAdapterModel: the customized policy, the two passes over ONE network, trainable set, save/load."""
 import copy
+import math
 import json
 
 import pytest
@@ -281,3 +282,36 @@ def test_per_row_dial_and_mixed_adapter_forward(tiny_model):
         model.customized_logits(q, None, alpha_0=torch.tensor([0.0, 0.1, 0.0]))
     with pytest.raises(ValueError, match="3 entries"):
         model.customized_logits(q, base, alpha_0=torch.tensor([0.0, 0.1]))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_customized_logits_chunked_in_place_vs_float64(monkeypatch, per_row):
+    """(Q + alpha_0 log_softmax(z_base)) / alpha_tilde over [B, T, V], a chunk of 3 rows at a time (the CPU cap
+    shrunk to 3 rows x 7 vocab x 4 bytes), float dials or one per batch row: values and the gradient wrt Q against
+    float64 written plainly; the inputs are not modified."""
+    from qcore import ops
+    from qcore.model import customized_logits
+
+    monkeypatch.setattr(ops, "CPU_CHUNK_BYTES", 3 * 7 * 4)
+    g = torch.Generator().manual_seed(3)
+    q = (3 * torch.randn(2, 4, 7, generator=g)).requires_grad_(True)
+    base = 3 * torch.randn(2, 4, 7, generator=g)
+    base_in = base.clone()
+    a0, at = (torch.tensor([0.0, 0.6]), torch.tensor([1.0, 0.4])) if per_row else (0.3, 0.7)
+    out = customized_logits(q, base, a0, at)
+    weights = torch.randn(2, 4, 7, generator=g)
+    (out * weights).sum().backward()
+    q64 = q.detach().double()
+    for b in range(2):
+        row_a0 = float(a0[b]) if per_row else a0
+        row_at = float(at[b]) if per_row else at
+        for t in range(4):
+            zb = [float(v) for v in base[b, t]]
+            m = max(zb)
+            lse = m + torch.log(torch.tensor(sum(math.exp(v - m) for v in zb), dtype=torch.float64))
+            want = [(float(q64[b, t, k]) + row_a0 * (zb[k] - float(lse))) / row_at for k in range(7)]
+            assert [float(x) for x in out[b, t]] == pytest.approx(want, rel=1e-5, abs=1e-5)
+            # d out / d Q = 1 / alpha_tilde, element by element
+            assert [float(x) for x in q.grad[b, t]] == pytest.approx(
+                [float(w) / row_at for w in weights[b, t]], rel=1e-6)
+    assert torch.equal(base, base_in)
