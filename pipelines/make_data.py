@@ -189,7 +189,10 @@ class SampleGenerator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        from qcore.model import contiguous_head_input
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model = contiguous_head_input(model).eval()
         self.num_samples = num_samples if do_sample else 1
         self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)

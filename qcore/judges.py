@@ -258,8 +258,10 @@ class LLMJudge:
         path = resolve_model_path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.float32 if str(self.device).startswith("cpu") else "auto"
+        from qcore.model import contiguous_head_input
+
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(self.device)
-        self.model.eval()
+        contiguous_head_input(self.model).eval()
         self.letter_ids = {}
         for letter in ("A", "B"):
             ids = {tuple(self.tokenizer(v, add_special_tokens=False)["input_ids"]) for v in (letter, " " + letter)}

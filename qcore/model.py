@@ -71,6 +71,21 @@ def customized_logits(q_logits, base_logits, alpha_0, alpha_tilde) -> torch.Tens
     return out
 
 
+def _contiguous_first_arg(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(hf_model):
+    """Makes the LM head's input contiguous (a forward pre-hook; idempotent). With ``logits_to_keep`` transformers
+    slices the last position out of [B, L, H] hidden states, and torch.matmul does not fold that strided [B, 1, H]
+    view into one GEMM on a CPU: it broadcasts the [V, H] head to [B, H, V] and copies it. SmolLM2's head, 150 rows,
+    1 thread: bf16 21.4 s vs 0.053 s contiguous, float32 1.58 s vs 0.12 s (2026-12-03). Returns the model."""
+    head = hf_model.get_output_embeddings()
+    if head is not None and _contiguous_first_arg not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_first_arg)
+    return hf_model
+
+
 def _dial_value(value, like: torch.Tensor):
     """A float stays a float; a [B] tensor becomes [B, 1, ...] to broadcast over the rows of ``like``."""
     if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -169,6 +184,7 @@ class QAdapterModel(torch.nn.Module):
     def __init__(self, peft_model, adapter_config: AdapterConfig, q_config: QConfig):
         super().__init__()
         self.peft_model = peft_model
+        contiguous_head_input(peft_model.get_base_model())
         self.adapter_config = adapter_config
         self.q_config = q_config
         params = inspect.signature(peft_model.get_base_model().forward).parameters

@@ -315,3 +315,31 @@ def test_customized_logits_chunked_in_place_vs_float64(monkeypatch, per_row):
             assert [float(x) for x in q.grad[b, t]] == pytest.approx(
                 [float(w) / row_at for w in weights[b, t]], rel=1e-6)
     assert torch.equal(base, base_in)
+
+
+def test_lm_head_input_is_made_contiguous_once(tiny_model):
+    """With logits_to_keep=1 transformers hands the head a strided [B, 1, H] slice, which torch.matmul on a CPU
+    multiplies by copying the head to [B, H, V]; the pre-hook makes that slice contiguous (same values) and is
+    registered once however often the model is wrapped."""
+    from qcore.model import contiguous_head_input
+
+    plain = copy.deepcopy(tiny_model)
+    seen = []
+    head = tiny_model.get_output_embeddings()
+    model = QAdapterModel.from_model(tiny_model, AdapterConfig(dropout=0.0), QConfig())
+    contiguous_head_input(tiny_model)
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    assert len(head._forward_pre_hooks) == 2  # ours (once) + the probe above
+    ids, mask = _batch(shape=(4, 9))
+    with torch.no_grad():
+        last = tiny_model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+        full = plain(input_ids=ids, attention_mask=mask).logits
+    assert seen == [True]
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+    # without the hook the same call does hand the head a non-contiguous input (what the hook is for)
+    seen.clear()
+    plain.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        plain(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    assert seen == [False]
+    assert model.peft_model.get_base_model() is tiny_model
