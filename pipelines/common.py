@@ -17,6 +17,22 @@ from qcore.config import Config, load_config  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def torch_extensions_dir(prefix: str = sys.prefix) -> str:
+    """Where DeepSpeed's JIT-built CPU ops (its shm comm op) go for the Python install at ``prefix``.
+
+    torch's default, ~/.cache/torch_extensions/<py>_<cpu|cu>, is one directory per machine, and the build names
+    its sources by path: two checkouts with their own venvs rebuilt the op (~40-70 s) in turns, inside a training
+    run. One directory per install (``prefix`` as Python sees it, links unresolved) keeps each one's build."""
+    import hashlib
+
+    key = hashlib.sha1(str(prefix).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"qadapter-{key}")
+
+
+# a local Ray cluster's workers inherit it; `make setup` builds into the same directory (an explicit one wins)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+
 WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",

@@ -287,56 +287,83 @@ def _custom_logp(q, base, ids, alpha_0: float, alpha_tilde: float, chunk_size: i
 
 
 def policy_logprobs(model, batch: dict, alpha_0: float, alpha_tilde: float, chunk_size: int = 128):
-    """Per row of a collated batch, (sum, count) of log pi_policy(a_t | s_t) over its response tokens.
+    """Per row of a collated batch, (sum, count) of log pi_policy(a_t | s_t) over its response tokens, for the
+    model's active adapter. pi_policy = softmax((Q + alpha_0 log pi_pre) / alpha_tilde) (qcore.losses.token_stats'
+    logp_custom); with alpha_0 = 0 it is softmax(Q / alpha_tilde) and the adapter-off pass is skipped."""
+    return policies_logprobs(model, batch, [(model.peft_model.active_adapter, alpha_0, alpha_tilde)], chunk_size)[0]
 
-    pi_policy = softmax((Q + alpha_0 log pi_pre) / alpha_tilde) (qcore.losses.token_stats' logp_custom); with
-    alpha_0 = 0 it is softmax(Q / alpha_tilde) and the adapter-off pass is skipped. One forward per batch."""
-    import torch
 
-    from qcore.losses import loss_mask
+def _fused_policy_logp(h, base_h, head, labels, alpha_0: float, alpha_tilde: float, chunk: int):
+    """[M] log pi_policy at packed positions from final hidden states (qcore.ops' fused kernels)."""
+    from qcore.ops import fused_token_logprobs, fused_token_stats
 
-    ids = batch["input_ids"].to(model.device)
-    att = batch["attention_mask"].to(model.device)
-    with torch.no_grad():
-        q, base = model.q_and_base_logits(ids, att, need_base=alpha_0 != 0)
-        logp = _custom_logp(q, base, ids, alpha_0, alpha_tilde, chunk_size)
-    mask = loss_mask(batch["response_mask"], "standard").to(logp.device)
-    return (logp.float() * mask).sum(1), mask.sum(1)
+    if alpha_0 == 0 and alpha_tilde == 1:
+        return fused_token_logprobs(h, head.weight, labels, head.bias, chunk)
+    return fused_token_stats(h, base_h if base_h is not None else h, head.weight, labels, alpha_0, alpha_tilde,
+                             head.bias, chunk).logp_custom
 
 
 def policies_logprobs(model, batch: dict, policies: list[tuple], chunk_size: int = 128) -> list[tuple]:
     """``policy_logprobs`` for several policies of one base at once: policies [(adapter name | None, alpha_0,
     alpha_tilde)], None = the base model itself. Each distinct pass runs once over the batch: the adapter-off pass
     serves the base policy and every policy with alpha_0 != 0, an adapter's pass every policy on it (a Q-Adapter
-    and its dial points). Each pass is the same forward as the one-policy path (the adapter made active), so the
-    numbers are the same bit for bit."""
+    and its dial points).
+
+    As the training step does (qcore.fused): each pair's prompt runs once for its chosen and rejected rows, and the
+    LM head and the softmaxes run only at the response positions (on the default's pairs ~0.4x the rows of full
+    logits); a model whose logits are not a plain linear head gets full logits."""
     import torch
 
-    from qcore.losses import loss_mask
+    from qcore.fused import hidden_at, plain_lm_head
+    from qcore.losses import fused_chunk_rows, loss_mask, scored_positions
 
     ids = batch["input_ids"].to(model.device)
     att = batch["attention_mask"].to(model.device)
-    mask = loss_mask(batch["response_mask"], "standard").to(ids.device).float()
+    n = ids.shape[0]
+    hf_model = model.peft_model.get_base_model()
+    head = plain_lm_head(hf_model)
     out: list = [None] * len(policies)
+    if head is not None:
+        pos = scored_positions("dpo", ids, batch["response_mask"].to(ids.device), "standard")  # every row
+        counts = torch.bincount(pos.rows, minlength=n).float()
+        chunk = fused_chunk_rows(chunk_size, head.weight)
 
-    def put(j, logp):
-        out[j] = ((logp.float() * mask).sum(1), mask.sum(1))
+        def pass_hidden():
+            with model.training_attention():  # the attention the logits path's passes use
+                return hidden_at(hf_model, ids, att, pos)[0]
+
+        def put(j, h, base_h, a0, at):
+            logp = _fused_policy_logp(h, base_h, head, pos.labels, a0, at, chunk).float()
+            out[j] = (torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, pos.rows, logp), counts)
+    else:
+        mask = loss_mask(batch["response_mask"], "standard").to(ids.device).float()
+
+        def put(j, logits, base, a0, at):
+            out[j] = ((_custom_logp(logits, base, ids, a0, at, chunk_size).float() * mask).sum(1), mask.sum(1))
 
     with torch.no_grad():
         base = None
         if any(a is None or a0 != 0 for a, a0, _ in policies):
-            base = model.base_logits(ids, att)
+            if head is None:
+                base = model.base_logits(ids, att)
+            else:
+                with model.adapter_disabled(), model.eval_mode():
+                    base = pass_hidden()
         for j, (a, _, at) in enumerate(policies):
             if a is None:
-                put(j, _custom_logp(base, None, ids, 0.0, at, chunk_size))
+                put(j, base, None, 0.0, at)
         active = model.peft_model.active_adapter
         try:
             for name in dict.fromkeys(a for a, _, _ in policies if a is not None):
                 model.peft_model.set_adapter(name)
-                q, _ = model.q_and_base_logits(ids, att, need_base=False)  # the one-policy path's Q pass
+                if head is None:
+                    q, _ = model.q_and_base_logits(ids, att, need_base=False)  # the one-policy path's Q pass
+                else:
+                    with model.lora_in_compute_dtype():
+                        q = pass_hidden()
                 for j, (a, a0, at) in enumerate(policies):
                     if a == name:
-                        put(j, _custom_logp(q, base, ids, a0, at, chunk_size))
+                        put(j, q, base, a0, at)
                 del q
         finally:
             model.peft_model.set_adapter(active)

@@ -102,18 +102,23 @@ class _Decoder:
         return cache
 
 
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    lens = attention_mask.long().sum(1)
+    ar = torch.arange(attention_mask.shape[1], device=lens.device)
+    return bool((attention_mask.long() == (ar < lens[:, None]).long()).all())
+
+
 def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
     """Per pair i, the length S_i of the prefix that chosen row i and rejected row B+i share ([B] long), or None
     when the batch cannot share prefixes (not right padded, or a pair without a common first token).
 
     S_i is the longest common prefix of real tokens, capped at len - 1 of either row so that each row keeps at
     least one token of its own (the continuation pass needs one)."""
-    n, length = input_ids.shape
+    n = input_ids.shape[0]
     if n % 2 or n == 0:
         return None
     lens = attention_mask.long().sum(1)
-    right_padded = (attention_mask.long() == (torch.arange(length, device=lens.device) < lens[:, None]).long()).all()
-    if not bool(right_padded):
+    if not _right_padded(attention_mask):
         return None
     ids_c, ids_r = input_ids.chunk(2)
     mask_c, mask_r = attention_mask.bool().chunk(2)
@@ -152,27 +157,27 @@ def length_buckets(lengths: list[int], max_groups: int) -> list[list[int]]:
     return groups[::-1]
 
 
-def _shared_prefix_hidden(decoder: _Decoder, input_ids, attention_mask, prefix, cache, max_groups: int):
-    """Run each pair's shared prefix once ([B, P]), then the 2B continuations on copies of its cache, in at most
-    ``max_groups`` length buckets (less padding than one [2B, max continuation] pass).
+def _shared_prefix_hidden(decoder: _Decoder, input_ids, attention_mask, heads, group, s, cache, max_groups: int):
+    """Run each group's shared prefix once ([U, P], from its head row), then every row's continuation on a copy of
+    its group's cache, in at most ``max_groups`` length buckets (less padding than one [N, max continuation] pass).
 
-    Returns (h_prefix [B, P, H], [(rows, h_cont [n_g, R_g, H]) per bucket], S [2B]): the hidden state at sequence
-    index t of row r is h_prefix[r mod B, t] for t < S_r, else h_cont of r's bucket at (r's slot, t - S_r)."""
-    n, length = input_ids.shape
-    b = n // 2
+    heads [U]: a row of each group; group [N]: each row's group; s [N]: each row's prefix length (its group's).
+    Returns (h_prefix [U, P, H], [(rows, h_cont [n_g, R_g, H]) per bucket]): the hidden state at sequence index t
+    of row r is h_prefix[group[r], t] for t < s[r], else h_cont of r's bucket at (r's slot, t - s[r])."""
+    length = input_ids.shape[1]
     device = input_ids.device
-    p = int(prefix.max())
+    s_head = s[heads]
+    p = int(s_head.max())
     ar_p = torch.arange(p, device=device)
-    p_mask = (ar_p < prefix[:, None]).long()
-    h_prefix = decoder(input_ids[:b, :p], p_mask, ar_p.expand(b, p), cache)
+    p_mask = (ar_p < s_head[:, None]).long()
+    h_prefix = decoder(input_ids[heads, :p], p_mask, ar_p.expand(len(heads), p), cache)
 
     lens = attention_mask.long().sum(1)
-    s = prefix.repeat(2)
     cont = (lens - s).tolist()
     buckets = []
     for rows in length_buckets(cont, max_groups):
         rows_t = torch.tensor(rows, device=device)
-        src = rows_t % b  # the pair's prefix row
+        src = group[rows_t]  # the row's prefix
         r = max(cont[i] for i in rows)
         cache_g = decoder.new_cache()
         for layer_idx, layer in enumerate(cache.layers):  # this bucket's rows of the prefix keys/values
@@ -182,24 +187,53 @@ def _shared_prefix_hidden(decoder: _Decoder, input_ids, attention_mask, prefix, 
         c_ids = input_ids[rows_t].gather(1, idx.clamp(max=length - 1))
         c_mask = torch.cat([p_mask[src], c_valid.long()], dim=1)
         buckets.append((rows_t, decoder(c_ids, c_mask, idx, cache_g)))
-    return h_prefix, buckets, s
+    return h_prefix, buckets
 
 
-def _gather_shared(h_prefix, buckets, s, rows, cols):
-    b, p, hidden = h_prefix.shape
+def _gather_shared(h_prefix, buckets, group, s, rows, cols):
+    u, p, hidden = h_prefix.shape
     n = s.shape[0]
     base = torch.zeros(n, dtype=torch.long, device=rows.device)  # flat offset of each row's continuation
-    stride = torch.zeros(n, dtype=torch.long, device=rows.device)
-    parts, offset = [h_prefix.reshape(-1, hidden)], b * p
+    parts, offset = [h_prefix.reshape(-1, hidden)], u * p
     for rows_g, h in buckets:
         r = h.shape[1]
         base[rows_g] = offset + torch.arange(len(rows_g), device=rows.device) * r
-        stride[rows_g] = r
         parts.append(h.reshape(-1, hidden))
         offset += h.shape[0] * r
     s_rows = s[rows]
-    flat = torch.where(cols < s_rows, (rows % b) * p + cols, base[rows] + (cols - s_rows).clamp(min=0))
+    flat = torch.where(cols < s_rows, group[rows] * p + cols, base[rows] + (cols - s_rows).clamp(min=0))
     return torch.cat(parts).index_select(0, flat)
+
+
+def hidden_at_grouped(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: torch.Tensor,
+                      prefix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                      max_groups: int = MAX_GROUPS) -> tuple[torch.Tensor, bool]:
+    """Final hidden states ``[M, H]`` at (rows[k], cols[k]) of right-padded rows that share prefixes by group:
+    group [N] (ids 0..U-1) and prefix [N] (each row's shared prefix length, the same within a group; the rows of a
+    group must hold the same tokens there, and each row at least one token past it). Each group's prefix runs
+    once (the answers of a multiple-choice question share its context). Returns (hidden, whether shared); without
+    a plain KV cache (or right padding), one full pass."""
+    decoder = _Decoder(hf_model)
+    dev = input_ids.device
+    group, prefix, rows, cols = (t.to(dev) for t in (group, prefix, rows, cols))
+    n, length = input_ids.shape
+    lens = attention_mask.long().sum(1)
+    ar_n = torch.arange(n, device=dev)
+    heads = torch.full((int(group.max()) + 1,), n, dtype=torch.long, device=dev).scatter_reduce(0, group, ar_n, "amin")
+    if bool((heads == n).any()):
+        raise ValueError("hidden_at_grouped: group ids must be 0..U-1, each one used")
+    if bool((prefix < 1).any()) or bool((prefix >= lens).any()):
+        raise ValueError("hidden_at_grouped: each row needs 1 <= prefix < its length")
+    same = (input_ids == input_ids[heads][group]) | (torch.arange(length, device=dev) >= prefix[:, None])
+    if bool((prefix != prefix[heads][group]).any()) or not bool(same.all()):
+        raise ValueError("hidden_at_grouped: the rows of a group differ in their shared prefix")
+    cache = decoder.new_cache() if _right_padded(attention_mask) and bool((cols < lens[rows]).all()) else None
+    if cache is None:
+        hidden = decoder(input_ids, attention_mask, positions_from_mask(attention_mask))
+        return hidden[rows, cols], False
+    h_prefix, buckets = _shared_prefix_hidden(decoder, input_ids, attention_mask, heads, group, prefix, cache,
+                                              max_groups)
+    return _gather_shared(h_prefix, buckets, group, prefix, rows, cols), True
 
 
 def hidden_at(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: ScoredPositions,
@@ -212,10 +246,13 @@ def hidden_at(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
         prefix = shared_prefix_lengths(input_ids, attention_mask)
         lens = attention_mask.long().sum(1)
         cache = decoder.new_cache() if prefix is not None and bool((cols < lens[rows]).all()) else None
-        if cache is not None:
-            h_prefix, buckets, s = _shared_prefix_hidden(decoder, input_ids, attention_mask, prefix, cache,
-                                                          max_groups)
-            return _gather_shared(h_prefix, buckets, s, rows, cols), True
+        if cache is not None:  # chosen row i and rejected row B+i: group i
+            b = prefix.shape[0]
+            heads = torch.arange(b, device=input_ids.device)
+            group, s = heads.repeat(2), prefix.repeat(2)
+            h_prefix, buckets = _shared_prefix_hidden(decoder, input_ids, attention_mask, heads, group, s, cache,
+                                                      max_groups)
+            return _gather_shared(h_prefix, buckets, group, s, rows, cols), True
     n_used = int(rows.max()) + 1 if rows.numel() else 1  # sft scores the chosen half only: run just those rows
     ids, mask = input_ids[:n_used], attention_mask[:n_used]
     hidden = decoder(ids, mask, positions_from_mask(mask))

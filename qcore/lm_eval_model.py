@@ -2,8 +2,9 @@
 
     pi_custom(.|s) = softmax((Q(s, .) + alpha_0 * log pi_pre(.|s)) / alpha_tilde)        (docs/method.md)
 
-- loglikelihood / loglikelihood_rolling: sums of log pi_custom over the continuation tokens (float32, from
-  ``QAdapterModel.q_and_base_logits`` + ``customized_logits``), is_greedy = every continuation token is the argmax.
+- loglikelihood / loglikelihood_rolling: sums of log pi_custom over the continuation tokens (float32,
+  ``customized_logits`` of the LM head at the continuation positions; the answers of one context run it once:
+  ``qcore.fused.hidden_at_grouped``), is_greedy = every continuation token is the argmax.
 - generate_until: ``QAdapterModel.generate`` (two-pass, two-KV-cache), cut at the ``until`` strings.
 
 model_args: ``pretrained=<base dir | tiny | smollm2-135m>,adapter=<adapter dir>,alpha_0=..,alpha_tilde=..,
@@ -42,7 +43,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from qcore.data import expected_bos, prepend_bos
-from qcore.metrics import token_logprobs
 
 log = logging.getLogger("qadapter.lm_eval")
 
@@ -201,7 +201,13 @@ class QAdapterLM(TemplateLM):
     def custom_logprobs(self, sequences: list[list[int]], spans: list[tuple[int, int]]) -> list[list[tuple]]:
         """For each token sequence and (start, end) span of positions whose NEXT tokens are scored: per policy of
         ``self.specs``, the log pi_custom of those next tokens and the greedy flags. One right-padded batch; each
-        distinct pass once (adapter off: the base policy and every policy with alpha_0 != 0)."""
+        distinct pass once (adapter off: the base policy and every policy with alpha_0 != 0).
+
+        Sequences with the same tokens up to their span's start (a multiple-choice question's answers) run that
+        context once (``qcore.fused.hidden_at_grouped``), and the LM head runs only at the scored positions; a
+        model whose logits are not a plain linear head gets full logits."""
+        from qcore.fused import hidden_at_grouped, plain_lm_head
+
         pad = self.tokenizer.pad_token_id
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -210,25 +216,44 @@ class QAdapterLM(TemplateLM):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
-        out: list = [None] * len(self.specs)
+        rows = torch.cat([torch.full((end - start,), i, dtype=torch.long) for i, (start, end) in enumerate(spans)])
+        cols = torch.cat([torch.arange(start, end) for start, end in spans])
+        rows, cols = rows.to(self._device), cols.to(self._device)
+        targets = ids[rows, cols + 1]
+        sizes = [end - start for start, end in spans]
+        contexts: dict = {}  # the tokens before each span's first scored next token -> its group
+        group = torch.tensor([contexts.setdefault(tuple(s[: start + 1]), len(contexts))
+                              for s, (start, _) in zip(sequences, spans)], device=self._device)
+        prefix = torch.tensor([start + 1 for start, _ in spans], device=self._device)
+        hf_model = self.model.peft_model.get_base_model()
+        head = plain_lm_head(hf_model)
+
+        def scored_logits(adapter_off: bool) -> torch.Tensor:  # [M, V] at (rows, cols)
+            if head is None:
+                if adapter_off:
+                    return self.model.base_logits(ids, mask)[rows, cols]
+                return self.model.q_and_base_logits(ids, mask, need_base=False)[0][rows, cols]
+            with self.model.training_attention():  # as the logits path's passes (bf16 CPU: matmul attention)
+                if adapter_off:
+                    with self.model.adapter_disabled(), self.model.eval_mode():
+                        h, _ = hidden_at_grouped(hf_model, ids, mask, group, prefix, rows, cols)
+                else:
+                    with self.model.lora_in_compute_dtype():
+                        h, _ = hidden_at_grouped(hf_model, ids, mask, group, prefix, rows, cols)
+            return torch.nn.functional.linear(h, head.weight, head.bias)
 
         def per_span(q, base, a0, at):
-            got = []
-            for i, (start, end) in enumerate(spans):
-                custom = self.model.customized_logits(q[i : i + 1, start:end],
-                                                      None if base is None else base[i : i + 1, start:end],
-                                                      alpha_0=a0, alpha_tilde=at)
-                target = ids[i : i + 1, start + 1 : end + 1]
-                lp = token_logprobs(custom, target, self.chunk_size)[0]
-                greedy = custom[0].argmax(-1) == target[0]
-                got.append((lp.cpu(), greedy.cpu()))
-            return got
+            custom = self.model.customized_logits(q, base, alpha_0=a0, alpha_tilde=at)
+            lp = custom.gather(1, targets[:, None])[:, 0] - torch.logsumexp(custom, -1)
+            greedy = custom.argmax(-1) == targets
+            return list(zip(lp.cpu().split(sizes), greedy.cpu().split(sizes)))
 
         peft = self.model.peft_model
+        out: list = [None] * len(self.specs)
         with torch.no_grad():
             base = None
             if any(a is None or a0 != 0 for a, a0, _ in self.specs):
-                base = self.model.base_logits(ids, mask)
+                base = scored_logits(adapter_off=True)
             for j, (a, _a0, at) in enumerate(self.specs):
                 if a is None:  # the base model's own policy: its logits are z_base
                     out[j] = per_span(base, None, 0.0, at)
@@ -236,7 +261,7 @@ class QAdapterLM(TemplateLM):
             try:
                 for name in dict.fromkeys(a for a, _, _ in self.specs if a is not None):
                     peft.set_adapter(name)
-                    q, _ = self.model.q_and_base_logits(ids, mask, need_base=False)
+                    q = scored_logits(adapter_off=False)
                     for j, (a, a0, at) in enumerate(self.specs):
                         if a == name:
                             out[j] = per_span(q, base if a0 != 0 else None, a0, at)
@@ -264,7 +289,9 @@ class QAdapterLM(TemplateLM):
             length = len(whole) - 1  # the model input is whole[:-1]; feeding the last token too changes nothing
             n_cont = min(len(cont), length)
             prepared.append((n, whole, (length - n_cont, length)))  # logits at p predict whole[p + 1]
-        order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][1]))  # similar lengths batch together
+        # a context's continuations side by side (one context pass for them: custom_logprobs), longest first
+        order = sorted(range(len(prepared)), key=lambda i: (-prepared[i][2][0], prepared[i][1][: prepared[i][2][0] + 1],
+                                                            -len(prepared[i][1])))
         results: list[Optional[tuple[float, bool]]] = [None] * len(prepared)
         for b in range(0, len(order), bs):
             chunk = [prepared[i] for i in order[b : b + bs]]

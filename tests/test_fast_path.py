@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from qcore import losses
 from qcore.config import AdapterConfig, QConfig
-from qcore.fused import fused_loss, hidden_at, length_buckets, plain_lm_head, shared_prefix_lengths
+from qcore.fused import fused_loss, hidden_at, hidden_at_grouped, length_buckets, plain_lm_head, \
+    shared_prefix_lengths
 from qcore.model import QAdapterModel
 
 from test_losses import ref_dpo, ref_qadapter, ref_sft, random_batch
@@ -336,6 +337,38 @@ def test_shared_prefix_hidden_states_equal_full_pass(max_groups):
         full, used_full = hidden_at(hf_model, ids, att, pos, share_prefix=False)
     assert used and not used_full
     torch.testing.assert_close(shared, full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_groups", [1, 3])
+def test_grouped_prefix_hidden_states_equal_full_pass(max_groups):
+    """Rows in groups of 1-4 sharing a context (a multiple-choice question's answers), contexts of different
+    lengths, right padded: the hidden states equal one full pass's at every real position (float64)."""
+    hf, acfg = _llama64()
+    model = QAdapterModel.from_model(hf, acfg, _cfg())
+    _perturb(model)
+    g = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(4, 384, (n,), generator=g) for n in (5, 2, 7)]
+    answers = [(0, 3), (0, 1), (0, 4), (0, 2), (1, 5), (2, 1), (2, 2)]  # (group, answer length)
+    seqs = [torch.cat([contexts[k], torch.randint(4, 384, (m,), generator=g)]) for k, m in answers]
+    length = max(len(x) for x in seqs)
+    ids, att = torch.full((len(seqs), length), 3), torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)], att[i, : len(x)] = x, 1
+    group = torch.tensor([k for k, _ in answers])
+    prefix = torch.tensor([len(contexts[k]) for k, _ in answers])
+    rows, cols = torch.nonzero(att, as_tuple=True)
+    hf_model = model.peft_model.get_base_model()
+    with torch.no_grad():
+        shared, used = hidden_at_grouped(hf_model, ids, att, group, prefix, rows, cols, max_groups=max_groups)
+        full = model.peft_model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
+    assert used
+    torch.testing.assert_close(shared, full[rows, cols], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="differ"):  # a row whose "shared" context is not its group's
+        bad = ids.clone()
+        bad[1, 0] += 1
+        hidden_at_grouped(hf_model, bad, att, group, prefix, rows, cols)
+    with pytest.raises(ValueError, match="prefix < its length"):  # a row with no token of its own
+        hidden_at_grouped(hf_model, ids, att, group, att.sum(1), rows, cols)
 
 
 def test_length_buckets():

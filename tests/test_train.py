@@ -85,6 +85,27 @@ def test_plan_and_deepspeed_config():
     assert conf["wall_clock_breakdown"] is True and conf["gradient_accumulation_steps"] == 3
 
 
+def test_torch_extensions_dir_is_per_install():
+    """DeepSpeed's JIT-built CPU op goes to one directory per Python install (two checkouts rebuilt it in turns in
+    torch's shared default); the stages set it unless the user did."""
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.common import torch_extensions_dir
+
+    one, two = torch_extensions_dir("/srv/a/.venv"), torch_extensions_dir("/srv/b/.venv")
+    assert one != two and one == torch_extensions_dir("/srv/a/.venv")
+    root = str(Path(__file__).resolve().parent.parent)
+    code = "import os, pipelines.common; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    got = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == torch_extensions_dir(sys.prefix)
+    got = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "TORCH_EXTENSIONS_DIR": "/srv/mine"},
+                         capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "/srv/mine"
+
+
 def test_partitioned_load_config():
     """No Ray: under ZeRO-3 with train.zero_init, transformers sees ZeRO-3 (from_pretrained then builds the model in
     deepspeed.zero.Init and loads it partitioned) while the returned object lives, in the model's dtype."""
