@@ -135,6 +135,35 @@ def test_pair_scores_match_float64_reference(tiny_model_dir, tiny_tokenizer, tmp
     assert metrics.pair_outcomes(lc, lr) == [0.5] * len(same)
 
 
+def test_shared_context_passes_equal_full_logits_path(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    """No Ray: the pairs judge and lm-eval's log-likelihoods (shared prompt/context, head at the scored positions)
+    give the full-logits path's numbers (the one a model without a plain linear head takes), float32 tiny model."""
+    import qcore.fused
+    from pipelines.evaluate import PolicyEvaluator
+    from qcore.lm_eval_model import QAdapterLM
+
+    q_dir = _save_adapter(tiny_model_dir, tmp_path / "q", 1, QConfig(alpha_0=0.2, alpha_tilde=0.8))
+    rows = _pair_rows(tiny_tokenizer)
+    ev = PolicyEvaluator(tiny_model_dir, chunk_size=3)
+    ev._load(q_dir)
+    lm = QAdapterLM(pretrained=tiny_model_dir, adapter=q_dir, batch_size=4)
+    ctx = [tiny_tokenizer("Question: what is red?")["input_ids"], tiny_tokenizer("Say it.")["input_ids"]]
+    answers = [ctx[0] + [7, 8], ctx[0] + [9], ctx[0] + [10, 11, 12], ctx[1] + [13, 14]]  # 3 share a context
+    spans = [(len(ctx[i > 2]) - 1, len(a) - 1) for i, a in enumerate(answers)]
+    got = {}
+    for path in ("shared", "full"):
+        if path == "full":
+            monkeypatch.setattr(qcore.fused, "plain_lm_head", lambda _m: None)
+        got[path] = (ev.pair_scores(rows, 0.2, 0.8), lm.custom_logprobs(answers, spans))
+    (pairs_s, mc_s), (pairs_f, mc_f) = got["shared"], got["full"]
+    assert pairs_s[2:] == pairs_f[2:]  # the response token counts
+    for a, b in zip(pairs_s[:2], pairs_f[:2]):
+        assert a == pytest.approx(b, abs=1e-5)
+    for (lp_s, greedy_s), (lp_f, greedy_f) in zip(mc_s[0], mc_f[0]):
+        assert lp_s.shape == lp_f.shape and torch.equal(greedy_s, greedy_f)
+        torch.testing.assert_close(lp_s, lp_f, rtol=1e-5, atol=1e-5)
+
+
 def test_build_policies_and_files(tiny_model_dir, tmp_path):
     """No Ray: policy list, dedup, the objective read from qadapter.json, errors naming the config key."""
     from pipelines.evaluate import adapter_objective, build_policies, resolve_prompts_file
