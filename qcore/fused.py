@@ -244,15 +244,10 @@ def hidden_at(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     rows, cols = positions.rows.to(input_ids.device), positions.cols.to(input_ids.device)
     if share_prefix:
         prefix = shared_prefix_lengths(input_ids, attention_mask)
-        lens = attention_mask.long().sum(1)
-        cache = decoder.new_cache() if prefix is not None and bool((cols < lens[rows]).all()) else None
-        if cache is not None:  # chosen row i and rejected row B+i: group i
-            b = prefix.shape[0]
-            heads = torch.arange(b, device=input_ids.device)
-            group, s = heads.repeat(2), prefix.repeat(2)
-            h_prefix, buckets = _shared_prefix_hidden(decoder, input_ids, attention_mask, heads, group, s, cache,
-                                                      max_groups)
-            return _gather_shared(h_prefix, buckets, group, s, rows, cols), True
+        if prefix is not None:  # chosen row i and rejected row B+i: group i
+            group = torch.arange(prefix.shape[0], device=input_ids.device).repeat(2)
+            return hidden_at_grouped(hf_model, input_ids, attention_mask, group, prefix.repeat(2), rows, cols,
+                                     max_groups)
     n_used = int(rows.max()) + 1 if rows.numel() else 1  # sft scores the chosen half only: run just those rows
     ids, mask = input_ids[:n_used], attention_mask[:n_used]
     hidden = decoder(ids, mask, positions_from_mask(mask))

@@ -105,7 +105,6 @@ class QAdapterLM(TemplateLM):
             getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = None if add_bos_token is None or add_bos_token == "" else _as_bool(add_bos_token)
-        self.chunk_size = self.model.q_config.chunk_size
         self.need_base = self.alpha_0 != 0  # pi_custom reads log pi_pre only through alpha_0
         # The policies this model's requests are computed for (see ``for_policies``): here this one alone.
         self.specs = [(self.model.peft_model.active_adapter if adapter else None, self.alpha_0, self.alpha_tilde)]
