@@ -209,6 +209,20 @@ def copy_file(src: str, dst: str) -> None:
             fout.write(chunk)
 
 
+def upload_dir(src: str, dst: str) -> None:
+    """Copy the local directory ``src`` into ``dst`` (a local path or a URI), file by file, overwriting.
+
+    One thread: pyarrow's threaded copy_files can deadlock on uploads to S3 (apache/arrow#32372; Ray Train's own
+    checkpoint upload avoids it the same way). A rank stuck there leaves its peers in a collective until the
+    process group's 30-minute timeout."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve_fs(dst)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(src, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    use_threads=False)
+
+
 def local_copy(uri: str) -> str:
     """A local path holding ``uri`` (a file or a directory tree): a local path as is, a remote one downloaded once.
 

@@ -39,6 +39,7 @@ from qcore.config import Config, apply_overrides  # noqa: E402
 
 STAGES = ("preprocess", "tune", "train", "evaluate", "report")
 STAGE_CPUS = 0.01  # the stage task only orchestrates; the CPUs go to what it launches
+PROGRESS_EVERY_S = 60.0  # the driver prints the running stages and their ages this often
 
 
 def _stage_task(module: str, func: str, args: tuple) -> dict:
@@ -120,6 +121,33 @@ class _Node:
         self.name, self.deps, self.build = name, deps, build
 
 
+def _job_placement_groups() -> set[str]:
+    """Ids of this job's live placement groups (Ray's state API; empty where it cannot answer)."""
+    import ray
+    from ray.util.state import list_placement_groups
+
+    try:
+        pgs = list_placement_groups(filters=[("creator_job_id", "=", ray.get_runtime_context().get_job_id())],
+                                    limit=10_000, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - no dashboard: nothing to clean up by id
+        return set()
+    return {p.placement_group_id for p in pgs if p.state != "REMOVED"}
+
+
+def _stop_stages(refs: list, placement_groups_before: set[str]) -> None:
+    """Kill the running stage tasks and free what they reserved. The actors a stage started die with its worker,
+    but a placement group (Ray Train's workers) lives as long as the job: on a driver that goes on (a notebook, a
+    test session) it would hold its CPUs; those created since the run began are removed."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    for pg_id in _job_placement_groups() - placement_groups_before:
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+
+
 class StageFailed(RuntimeError):
     """A stage of the run failed; the message names it and carries its error."""
 
@@ -142,6 +170,7 @@ def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume
     running: dict[Any, tuple[_Node, dict, float, tuple[float, float]]] = {}  # ref -> (node, entry, t0, demand)
     failures: list[tuple[str, str]] = []
     used = [0.0, 0.0]
+    placement_groups_before = _job_placement_groups()
 
     def fits(demand) -> bool:
         if not running:  # an oversized stage still runs alone (Ray queues what does not fit)
@@ -190,7 +219,13 @@ def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume
                 if not running and waiting and not progressed:
                     break  # the rest waits on a failed stage
                 continue
-            done, _ = ray.wait(list(running), num_returns=1)
+            # a bounded wait: Ctrl-C and signal-based timeouts get through, and a long stage shows it is alive
+            done, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_EVERY_S)
+            if not done:
+                now = time.time()
+                print("... running: " + ", ".join(f"{n.name} {now - t:.0f}s" for n, _, t, _ in running.values()),
+                      flush=True)
+                continue
             node, entry, t0, demand = running.pop(done[0])
             used[0] -= demand[0]
             used[1] -= demand[1]
@@ -207,9 +242,11 @@ def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume
             manifest.end(entry, "finished", time.time() - t0, outputs=result, worker=got["worker"], ran=got["ran"])
             print(f"done {node.name}  {entry['wall_s']:.1f}s", flush=True)
             outputs[node.name] = result
-    except BaseException as err:  # KeyboardInterrupt too: no entry may stay "running"
+    except BaseException as err:  # KeyboardInterrupt too: no entry may stay "running", no stage keeps running
+        why = type(err.__cause__ or err).__name__  # a signal handler's exception reaches us as ray.wait's cause
         for node, entry, t0, _ in running.values():
-            manifest.end(entry, "failed", time.time() - t0, error=f"interrupted: {type(err).__name__}")
+            manifest.end(entry, "failed", time.time() - t0, error=f"interrupted: {why}")
+        _stop_stages(list(running), placement_groups_before)
         raise
     if failures:
         name, message = failures[0]

@@ -75,7 +75,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from pipelines.common import (cli_config, exists, init_ray, is_uri, remove, resolve_fs, stage_dir,  # noqa: E402
-                              write_text)
+                              upload_dir, write_text)
 from qcore.config import Config, config_from_dict  # noqa: E402
 
 logger = logging.getLogger("qadapter.train")
@@ -89,16 +89,6 @@ DS_TAG = "state"
 FAIL_MARKER = ".fault_injected"
 PROBE_LENGTH = 16
 BASE_OBJECTIVES = ("qadapter", "dpo")  # objectives that need the base (adapter-off) pass
-
-
-def _copy_local_dir(src: str, dst: str) -> None:
-    """Replace ``dst`` (local path or URI) by a copy of the local directory ``src``."""
-    import pyarrow.fs as pafs
-
-    remove(dst)
-    fs, p = resolve_fs(dst)
-    fs.create_dir(p, recursive=True)
-    pafs.copy_files(src, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -548,12 +538,7 @@ class _Tracker:
             self.mlflow.log_metrics(scalars, step=step)
 
     def _upload(self) -> None:
-        import pyarrow.fs as pafs
-
-        fs, root = resolve_fs(self.upload[1])
-        fs.create_dir(root, recursive=True)
-        # file by file, overwriting: the event files of an earlier attempt stay next to this one's
-        pafs.copy_files(self.upload[0], root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        upload_dir(*self.upload)  # overwriting file by file: an earlier attempt's event files stay next to these
 
     def close(self, failed: Optional[str] = None) -> None:
         """Flush and close the sinks; ``failed`` (the error) ends the MLflow run as FAILED, with the error as a tag."""
@@ -985,7 +970,8 @@ def train_stage(cfg: Config, data_dir: str, out_dir: str, ds_overrides: Optional
     adapter_dir = f"{out_dir}/adapter"
     with result.checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_FILE).read_text())
-        _copy_local_dir(os.path.join(d, ADAPTER_SUBDIR), adapter_dir)
+        remove(adapter_dir)  # replaced, not merged with an earlier run's files
+        upload_dir(os.path.join(d, ADAPTER_SUBDIR), adapter_dir)
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode)
     history = state["history"]
     final = history[-1] if history else (result.metrics or {})

@@ -119,6 +119,12 @@ def _make_trainable(base: dict, storage: str):
     return qadapter_trial
 
 
+def _error_line(error: Any) -> str:
+    """The last line of a trial's error (the exception itself, under Ray's wrapping), at most 300 characters."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v):
         if isinstance(v, float):
@@ -188,15 +194,18 @@ def tune_stage(cfg: Config, data_dir: str, out_dir: str) -> dict:
     results = tuner.fit()
 
     keys = list(tc.space)
-    header = ["trial_id", "status", *keys, *TABLE_METRICS, "reports"]
+    header = ["trial_id", "status", *keys, *TABLE_METRICS, "reports", "error"]
     rows, ok = [], []
     for r in results:
         metrics = r.metrics or {}
         status = "ERROR" if r.error else ("COMPLETED" if metrics.get("step") == metrics.get("total_steps")
                                           else "STOPPED")
         row = [metrics.get("trial_id") or Path(r.path).name, status, *[_py(r.config.get(k)) for k in keys],
-               *[metrics.get(m) for m in TABLE_METRICS], metrics.get("training_iteration")]
+               *[metrics.get(m) for m in TABLE_METRICS], metrics.get("training_iteration"),
+               _error_line(r.error)]
         rows.append(row)
+        if r.error:  # the sweep goes on without it; say why here, not only in the trial's error.txt
+            print(f"[tune] trial {row[0]} ERROR: {row[-1]}", flush=True)
         value = metrics.get(tc.metric)
         # a NaN (diverged) trial never wins: min/max would keep a leading NaN, since every comparison with it fails
         if not r.error and isinstance(value, (int, float)) and math.isfinite(value):

@@ -179,3 +179,62 @@ def test_killed_driver_rerun_skips_finished_stages_and_resumes_training(tmp_path
     events = Manifest(str(storage / "tiny")).events()
     assert events.count(("preprocess", "run")) == 1 and ("preprocess", "skip") in events
     assert events.count(("train/sft", "run")) == 2 and events[-1] == ("train/sft", "finish")
+
+
+@pytest.mark.timeout(300)
+def test_interrupted_driver_cancels_its_running_stage(ray_session, tmp_path, monkeypatch, capsys):
+    """An exception in the driver while a stage runs (Ctrl-C, a signal-based timeout like pytest-timeout's): it
+    reaches the driver within the progress interval, the stage's manifest entry says "interrupted", and the stage's
+    task is cancelled together with the Ray Train workers it started, so the CPUs return to the cluster (a hung
+    stage once kept running on the shared Ray after its test had timed out, and failed the next test)."""
+    import ray
+
+    from pipelines import full
+    from pipelines.common import Manifest
+
+    class Interrupt(Exception):
+        pass
+
+    def on_alarm(*_):
+        raise Interrupt
+
+    monkeypatch.setattr(full, "PROGRESS_EVERY_S", 1.0)
+    storage = tmp_path / "runs"
+    argv = ["--config", "configs/tiny.yaml", "--run.storage_path", str(storage), "--tune.enabled", "false",
+            "--eval.methods", "[sft]", "--stop-after", "train", "--train.num_workers", "1",
+            "--train.max_steps", "400", "--train.checkpoint_every", "400"]
+    started = time.time()
+    seen = {}
+
+    def interrupter():
+        try:
+            seen["workers"] = _wait_for(lambda: _train_workers(started), 240, "a Ray Train worker of the run")
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+        except Exception as err:  # noqa: BLE001 - reported by the assertions below
+            seen["error"] = repr(err)
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    thread = threading.Thread(target=interrupter, daemon=True)
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        thread.start()
+        # raised inside ray.wait, the handler's exception comes out as Ray's SystemError caused by it
+        with pytest.raises((Interrupt, SystemError)) as raised:
+            full.main(argv)
+        interrupted_at = time.time()
+        assert isinstance(raised.value, Interrupt) or isinstance(raised.value.__cause__, Interrupt), raised.value
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+        thread.join(timeout=5)
+    assert "workers" in seen, seen
+    out = capsys.readouterr().out
+    assert "... running: preprocess" in out or "... running: train/sft" in out, out[-2000:]
+    stages = Manifest(str(storage / "tiny")).data["stages"]
+    assert stages["preprocess"]["status"] == "finished"
+    assert stages["train/sft"]["status"] == "failed" and stages["train/sft"]["error"] == "interrupted: Interrupt"
+    # the training worker is gone and every CPU is free again: nothing of the stage outlives the driver's exit
+    psutil.wait_procs(seen["workers"], timeout=60)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in seen["workers"])
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"], 60,
+              "the stage's CPUs back")
+    print(f"\n[wall] interrupt -> workers gone and CPUs free: {time.time() - interrupted_at:.1f}s")

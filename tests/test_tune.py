@@ -84,7 +84,7 @@ def test_two_trial_sweep(ray_session, tiny_model_dir, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     for row in rows:
-        assert row["status"] == "COMPLETED" and int(float(row["step"])) == 2 and int(float(row["reports"])) == 2
+        assert row["status"] == "COMPLETED" and int(float(row["step"])) == 2 and int(float(row["reports"])) == 2, row
         assert int(float(row["adapter.rank"])) in (2, 4) and 0.001 <= float(row["q.alpha_0"]) <= 0.1
         assert float(row["eval_loss"]) > 0
     assert len({row["q.alpha_0"] for row in rows}) == 2  # two different samples
