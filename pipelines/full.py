@@ -137,7 +137,8 @@ def _job_placement_groups() -> set[str]:
 def _stop_stages(refs: list, placement_groups_before: set[str]) -> None:
     """Kill the running stage tasks and free what they reserved. The actors a stage started die with its worker,
     but a placement group (Ray Train's workers) lives as long as the job: on a driver that goes on (a notebook, a
-    test session) it would hold its CPUs; those created since the run began are removed."""
+    test session) it would hold its CPUs; this job's groups that were not in ``placement_groups_before`` (every
+    group's id when the run began) are removed."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -170,7 +171,8 @@ def _schedule(cfg: Config, manifest: common.Manifest, nodes: list[_Node], resume
     running: dict[Any, tuple[_Node, dict, float, tuple[float, float]]] = {}  # ref -> (node, entry, t0, demand)
     failures: list[tuple[str, str]] = []
     used = [0.0, 0.0]
-    placement_groups_before = _job_placement_groups()
+    # every group's id from the GCS (a millisecond); the job filter, through the dashboard, only on an interrupt
+    placement_groups_before = set(ray.util.placement_group_table())
 
     def fits(demand) -> bool:
         if not running:  # an oversized stage still runs alone (Ray queues what does not fit)
