@@ -184,7 +184,7 @@ def test_killed_driver_rerun_skips_finished_stages_and_resumes_training(tmp_path
 @pytest.mark.timeout(300)
 def test_interrupted_driver_cancels_its_running_stage(ray_session, tmp_path, monkeypatch, capsys):
     """An exception in the driver while a stage runs (Ctrl-C, a signal-based timeout like pytest-timeout's): it
-    reaches the driver within the progress interval, the stage's manifest entry says "interrupted", and the stage's
+    comes out of the run, the stage's manifest entry says "interrupted", and the stage's
     task is cancelled together with the Ray Train workers it started, so the CPUs return to the cluster (a hung
     stage once kept running on the shared Ray after its test had timed out, and failed the next test)."""
     import ray
