@@ -854,24 +854,40 @@ def _pad_token_id(model_dir: str) -> int:
     return int(pad)
 
 
-def load_datasets(data_dir: str, materialize_train: bool = False) -> dict:
-    """``{"train": Dataset, "eval": materialized Dataset (if <data_dir>/eval exists)}`` via ray.data.read_parquet.
+# A split up to this size on disk is read here with pyarrow and handed to Ray Train in memory: a Ray Data read job
+# costs seconds per training run (list files, read tasks), which dominated the short runs of sweeps and tests.
+IN_MEMORY_SPLIT_BYTES = 64 * 2**20
 
-    The eval split is small and read by every rank in full, so it is always materialized once (workers fetch its
-    Arrow blocks). The train split streams unless ``materialize_train`` (Tune: read once, shared by every trial)."""
+
+def load_datasets(data_dir: str, materialize_train: bool = False) -> dict:
+    """``{"train": Dataset, "eval": materialized Dataset (if <data_dir>/eval exists)}`` of the Parquet splits.
+
+    The eval split is small and read by every rank in full, so it is always read at once (workers fetch its Arrow
+    blocks). The train split is read at once too up to ``IN_MEMORY_SPLIT_BYTES``; a larger one streams through
+    ray.data.read_parquet unless ``materialize_train`` (Tune: read once, shared by every trial)."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
     import ray.data
+
+    def read_at_once(split: str):
+        fs, root = resolve_fs(f"{data_dir}/{split}")
+        return ray.data.from_arrow(pads.dataset(root, filesystem=fs, format="parquet").to_table())
 
     data_dir = str(data_dir).rstrip("/")
     if not exists(f"{data_dir}/train"):
         raise FileNotFoundError(f"no training data: {data_dir}/train (run pipelines/preprocess.py first)")
-    out = {"train": ray.data.read_parquet(f"{data_dir}/train")}
-    if materialize_train:
-        out["train"] = out["train"].materialize()
-    if exists(f"{data_dir}/eval"):  # small: read here with pyarrow (a Ray Data read job costs seconds)
-        import pyarrow.dataset as pads
-
-        fs, root = resolve_fs(f"{data_dir}/eval")
-        out["eval"] = ray.data.from_arrow(pads.dataset(root, filesystem=fs, format="parquet").to_table())
+    fs, root = resolve_fs(f"{data_dir}/train")
+    size = sum(i.size for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+               if i.type == pafs.FileType.File)
+    if size <= IN_MEMORY_SPLIT_BYTES:
+        out = {"train": read_at_once("train")}
+    else:
+        out = {"train": ray.data.read_parquet(f"{data_dir}/train")}
+        if materialize_train:
+            out["train"] = out["train"].materialize()
+    if exists(f"{data_dir}/eval"):
+        out["eval"] = read_at_once("eval")
     return out
 
 
