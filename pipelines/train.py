@@ -749,6 +749,7 @@ def train_loop_per_worker(config: dict) -> None:
     # a finished run re-run only reports its final state again: nothing new to track
     tracker = _Tracker(cfg, config, rank, start_step) if step < total_steps else None
     tokens, t_mark = 0, time.time()  # tokens (attention mask) through the model since the last report
+    t_batch = 0.0  # when the first batch arrived
 
     def report(with_checkpoint: bool) -> None:
         nonlocal sums, count, tokens
@@ -799,6 +800,7 @@ def train_loop_per_worker(config: dict) -> None:
         while step < total_steps:
             for _ in range(ga):
                 _, b = next(batches)
+                t_batch = t_batch or time.time()
                 batch = _make_batch(b, tc.objective, pad_id, device)
                 tokens += int(batch["attention_mask"].sum())
                 loss, m = _loss(engine, batch, cfg)
@@ -811,8 +813,9 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             pbar.update(1)
             if rank == 0 and step == start_step + 1:
-                print(f"[train] rank 0: model + DeepSpeed engine {t_engine - t_worker:.1f}s, first step (incl. the "
-                      f"first batch from Ray Data) {time.time() - t_start:.1f}s", flush=True)
+                print(f"[train] rank 0: model + DeepSpeed engine {t_engine - t_worker:.1f}s, first step "
+                      f"{time.time() - t_start:.1f}s (waiting {t_batch - t_start:.1f}s for its batch from Ray Data)",
+                      flush=True)
             if state["partition"] is None:  # after the first step: what each rank holds (ZeRO-3: its partition)
                 info = _partition_info(engine, rank)
                 info["memory"] = {**memory, "first_step": _memory_mib(), "peak_reset": peak_reset,
