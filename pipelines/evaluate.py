@@ -14,7 +14,8 @@ The new preference is measured by the judges named in ``cfg.eval.judges`` (each 
   first ``eval.max_pairs`` pairs by (source, row, pair_index)), the length-normalized log-likelihood (mean
   per-token log-prob over the response tokens, EOS included) of chosen and of rejected under the policy's own
   distribution: pi_custom = softmax((Q + alpha_0 log pi_pre) / alpha_tilde). pair_accuracy: share of pairs with
-  chosen above rejected (a tie 0.5); pair_margin: the mean difference.
+  chosen above rejected (a tie, equal within qcore.metrics.PAIR_TIE_TOL of float rounding, 0.5); pair_margin: the
+  mean difference.
 - ``oracle``: the embedded default's conciseness oracle on each greedy answer: pref_score (mean), win_rate
   (paired against the base's answer to the same prompt, ties 0.5).
 - ``reward_model``: a local sequence-classification reward model (``eval.reward_model``) scores each answer:

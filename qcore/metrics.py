@@ -4,7 +4,8 @@
   in float32, chunked over the sequence so peak memory is ``B * chunk * V`` rather than ``B * T * V``.
 - ``token_logprobs``: log pi(a_t | s_t) of given tokens from logits (float32, chunked): lm-eval loglikelihoods.
 - ``win_outcomes``/``win_rate``: paired comparison of scores against the base's (ties count 0.5).
-- ``pair_outcomes``: preference accuracy per held-out pair (chosen above rejected: 1, tie 0.5, else 0).
+- ``pair_outcomes``: preference accuracy per held-out pair (chosen above rejected: 1, tie (within
+  ``PAIR_TIE_TOL``) 0.5, else 0).
 - ``mean``/``stderr``/``accuracy``: plain aggregates (an empty input gives NaN, never an exception).
 - ``bootstrap``/``mean_interval``/``difference_interval``/``retention_interval``: percentile bootstrap intervals
   over items (paired columns resampled with the same indices), seeded: the same inputs give the same interval.
@@ -105,9 +106,17 @@ def win_rate(scores: Sequence[float], base_scores: Sequence[float], tie_tol: flo
     return mean(win_outcomes(scores, base_scores, tie_tol))
 
 
-def pair_outcomes(logp_chosen: Sequence[float], logp_rejected: Sequence[float]) -> list[float]:
-    """Preference accuracy per pair: 1.0 where the chosen response scores above the rejected one, 0.5 on a tie."""
-    return win_outcomes(logp_chosen, logp_rejected)
+# Mean per-token log-likelihoods (nats) this close are a tie: the same response scored in two rows of one batch
+# differs in its last float32 bits where the rows fall into chunks of different sizes (on an AVX2 CPU a one-row
+# chunk takes the matrix-vector kernel, a three-row chunk the matrix one), and rounding is no preference.
+PAIR_TIE_TOL = 1e-5
+
+
+def pair_outcomes(logp_chosen: Sequence[float], logp_rejected: Sequence[float],
+                  tie_tol: float = PAIR_TIE_TOL) -> list[float]:
+    """Preference accuracy per pair: 1.0 where the chosen response scores above the rejected one, 0.5 on a tie
+    (``|chosen - rejected| <= tie_tol``), else 0.0."""
+    return win_outcomes(logp_chosen, logp_rejected, tie_tol)
 
 
 def mean(values: Iterable[float]) -> float:

@@ -152,6 +152,10 @@ def test_pareto_front():
 def test_outcomes():
     assert metrics.win_outcomes([1.0, 2.0, 3.0], [0.0, 2.0, 4.0]) == [1.0, 0.5, 0.0]
     assert metrics.pair_outcomes([-1.0, -2.0, -3.0], [-2.0, -2.0, -1.0]) == [1.0, 0.5, 0.0]
+    # float32 rounding of one response scored twice is a tie; a difference of 2e-5 nats per token is not
+    assert metrics.pair_outcomes([-2.0, -2.0 + 4e-7, -2.0, -2.0], [-2.0 + 4e-7, -2.0, -2.0 - 2e-5, -2.0 + 2e-5]) \
+        == [0.5, 0.5, 1.0, 0.0]
+    assert metrics.pair_outcomes([-2.0], [-2.0 - 4e-7], tie_tol=0.0) == [1.0]
 
 
 def test_bootstrap_constant_data_has_zero_width():
