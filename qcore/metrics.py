@@ -107,8 +107,8 @@ def win_rate(scores: Sequence[float], base_scores: Sequence[float], tie_tol: flo
 
 
 # Mean per-token log-likelihoods (nats) this close are a tie: the same response scored in two rows of one batch
-# differs in its last float32 bits where the rows fall into chunks of different sizes (on an AVX2 CPU a one-row
-# chunk takes the matrix-vector kernel, a three-row chunk the matrix one), and rounding is no preference.
+# can differ in its last float32 bits (seen once in the suite on an AVX2 host, not reproduced alone: the kernels'
+# summation order may depend on a row's place in the batch and on threading), and rounding is no preference.
 PAIR_TIE_TOL = 1e-5
 
 
