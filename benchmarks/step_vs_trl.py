@@ -147,18 +147,13 @@ def load_hf(model_dir: str, dtype: str = "float32"):
 
 def model_flops(model_dir: str, batch: dict) -> dict:
     """The matmul FLOPs a preference step must do (see the module doc), from the model's shapes (meta device)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from floor import Shape
 
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    embed, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
-    linear = sum(p.numel() for p in hf.parameters() if p.dim() == 2 and p is not embed and p is not head)
+    shape = Shape(model_dir)
     tokens = int(batch["attention_mask"].sum())
     scored = int(batch["response_mask"][:, 1:].sum())
-    vocab, hidden = head.shape
-    decoder, lm_head = 3 * 2 * linear * tokens, 3 * 2 * hidden * vocab * scored
-    return {"linear_params": int(linear), "tokens": tokens, "scored_tokens": scored, "decoder": float(decoder),
+    decoder, lm_head = 3 * 2 * shape.linear * tokens, 3 * shape.head(scored)
+    return {"linear_params": int(shape.linear), "tokens": tokens, "scored_tokens": scored, "decoder": float(decoder),
             "lm_head": float(lm_head), "total": float(decoder + lm_head)}
 
 
