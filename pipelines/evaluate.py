@@ -327,7 +327,7 @@ def policies_logprobs(model, batch: dict, policies: list[tuple], chunk_size: int
     if head is not None:
         pos = scored_positions("dpo", ids, batch["response_mask"].to(ids.device), "standard")  # every row
         counts = torch.bincount(pos.rows, minlength=n).float()
-        chunk = fused_chunk_rows(chunk_size, head.weight)
+        chunk = fused_chunk_rows(chunk_size)
 
         def pass_hidden():
             with model.training_attention():  # the attention the logits path's passes use

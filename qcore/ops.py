@@ -72,13 +72,34 @@ def _logits(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     return F.linear(x, weight, bias).to(dtype)
 
 
-def lse_softmax(z: torch.Tensor, probs: bool = True):
+def lse_softmax(z: torch.Tensor, probs: bool = True, out: Optional[torch.Tensor] = None):
     """Per row logsumexp(z) and softmax(z) (None unless ``probs``), from one fused softmax pass: at the row's
     argmax softmax is exp(0) / sum = 1 / sum exactly rounded, so lse = max - log(max softmax), never underflowing
-    (max softmax >= 1 / V). torch.logsumexp makes ~4 passes and two temporaries (2x the time on a CPU)."""
-    p = torch.softmax(z, dim=-1)
+    (max softmax >= 1 / V). torch.logsumexp makes ~4 passes and two temporaries (2x the time on a CPU).
+    ``out``: where the softmax goes (a buffer the caller reuses)."""
+    p = torch.softmax(z, dim=-1) if out is None else torch.softmax(z, dim=-1, out=out)
     lse = z.amax(dim=-1) - p.amax(dim=-1).log()
     return lse, (p if probs else None)
+
+
+def _head_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+               stage: Optional[torch.Tensor]) -> torch.Tensor:
+    """``_logits`` of hidden rows written into ``out`` (the compute dtype): through ``stage`` (the head's dtype)
+    when the two differ. The chunk loops reuse their buffers: on a CPU a fresh [rows, V] block is page-faulted in
+    on every allocation, and a [85, 49152] head GEMM into one took 1.7x the time of the same GEMM into a reused
+    buffer (AVX2 EPYC, 2 threads, 2026-12-07; benchmarks/RESULTS.md)."""
+    dst = out if stage is None else stage[:out.shape[0]]
+    if bias is None:
+        torch.mm(x, weight.t(), out=dst)
+    else:
+        torch.addmm(bias, x, weight.t(), out=dst)
+    return out if stage is None else out.copy_(dst)
+
+
+def _head_buffers(x: torch.Tensor, weight: torch.Tensor, rows: int, dtype: torch.dtype):
+    """(logits buffer [rows, V] in the compute dtype, its staging buffer in the head's dtype or None)."""
+    out = x.new_empty(rows, weight.shape[0], dtype=dtype)
+    return out, (None if weight.dtype == dtype else x.new_empty(rows, weight.shape[0], dtype=weight.dtype))
 
 
 def _precomputes(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
@@ -137,27 +158,33 @@ class _QStats(torch.autograd.Function):
         q_a, logp_pre, logp_c, lse_c, lse_q = (xq.new_empty(m, dtype=dtype) for _ in range(5))
         e_c = xq.new_empty(m, weight.shape[1], dtype=weight.dtype) if pre else None
         e_q = xq.new_empty(m, weight.shape[1], dtype=weight.dtype) if pre and logp_grad else None
+        rows = min(chunk, m)
+        if weight is not None:  # base and Q rows of a chunk in one head GEMM
+            z2, stage = _head_buffers(xq, weight, 2 * rows, dtype)
+        p_buf = xq.new_empty(rows, xq.shape[1] if weight is None else weight.shape[0], dtype=dtype)
         # Two full-vocabulary exp passes per chunk (plus one for log softmax(Q)): softmax is shift-invariant, so the
         # customized logits are formed from z_base itself and log pi_pre's row constant is added to their lse after.
         for s, e in _chunks(m, chunk):
-            idx = labels[s:e, None]
-            zb = _logits(xb[s:e], weight, bias, dtype, writable=alpha_0 != 0)
-            zq = _logits(xq[s:e], weight, bias, dtype)
+            idx, p = labels[s:e, None], p_buf[:e - s]
+            if weight is None:
+                zb, zq = xb[s:e].to(dtype, copy=alpha_0 != 0), xq[s:e].to(dtype)
+            else:
+                zb, zq = _head_into(torch.cat([xb[s:e], xq[s:e]]), weight, bias, z2[:2 * (e - s)], stage).chunk(2)
             q_a[s:e] = zq.gather(-1, idx).squeeze(-1)
-            lse_b, _ = lse_softmax(zb)
+            lse_b, _ = lse_softmax(zb, out=p)
             logp_pre[s:e] = zb.gather(-1, idx).squeeze(-1) - lse_b
-            lse_q[s:e], p_q = lse_softmax(zq, probs=e_q is not None)
+            lse_q[s:e], _ = lse_softmax(zq, out=p)
+            if e_q is not None:
+                e_q[s:e] = p.to(weight.dtype) @ weight
             shifted = zb.mul_(alpha_0).add_(zq) if alpha_0 != 0 else zq  # (Q + alpha_0 z_base): in zb's memory
             if alpha_tilde != 1:
                 shifted = shifted.div(alpha_tilde) if shifted is zq else shifted.div_(alpha_tilde)
-            lse_s, p_c = lse_softmax(shifted, probs=pre)
+            lse_s, _ = lse_softmax(shifted, out=p)
             lse_c[s:e] = lse_s - (alpha_0 / alpha_tilde) * lse_b
             logp_c[s:e] = shifted.gather(-1, idx).squeeze(-1) - lse_s
             if pre:
-                e_c[s:e] = p_c.to(weight.dtype) @ weight
-                if e_q is not None:
-                    e_q[s:e] = p_q.to(weight.dtype) @ weight
-            del zb, zq, shifted, p_c, p_q
+                e_c[s:e] = p.to(weight.dtype) @ weight
+            del zb, zq, shifted
         v = alpha_tilde * lse_c
         logp_q = q_a - lse_q
         ctx.pre, ctx.alpha_0, ctx.alpha_tilde, ctx.chunk = pre, alpha_0, alpha_tilde, chunk
@@ -220,9 +247,14 @@ class _LogProb(torch.autograd.Function):
         pre = _precomputes(weight, bias) and torch.is_grad_enabled() and x.requires_grad
         out, lse = x.new_empty(m, dtype=dtype), x.new_empty(m, dtype=dtype)
         e_p = x.new_empty(m, weight.shape[1], dtype=weight.dtype) if pre else None
+        rows = min(chunk, m)
+        if weight is not None:
+            z_buf, stage = _head_buffers(x, weight, rows, dtype)
+        p_buf = x.new_empty(rows, x.shape[1] if weight is None else weight.shape[0], dtype=dtype)
         for s, e in _chunks(m, chunk):
-            z = _logits(x[s:e], weight, bias, dtype)
-            lse[s:e], p = lse_softmax(z, probs=pre)
+            p = p_buf[:e - s]
+            z = x[s:e].to(dtype) if weight is None else _head_into(x[s:e], weight, bias, z_buf[:e - s], stage)
+            lse[s:e], _ = lse_softmax(z, out=p)
             out[s:e] = z.gather(-1, labels[s:e, None]).squeeze(-1) - lse[s:e]
             if pre:
                 e_p[s:e] = p.to(weight.dtype) @ weight

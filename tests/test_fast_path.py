@@ -90,24 +90,23 @@ def test_fused_qadapter_matches_float64_reference(variant, alignment):
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
 
 
-def test_default_fused_chunk_is_capped_on_cpu_and_stays_exact(monkeypatch):
-    """chunk_tokens=None: 2 x q.chunk_size rows, capped on a CPU at ops.CPU_CHUNK_BYTES of float32 logits (here
-    2 rows x 5 vocab x 4 bytes = 40 bytes: 2 rows per chunk); the loss and gradient stay the float64 reference's."""
+def test_default_fused_chunk_is_two_chunk_sizes_uncapped_and_stays_exact(monkeypatch):
+    """chunk_tokens=None: 2 x q.chunk_size rows per chunk, with no CPU cap (the fused kernels reuse their chunk
+    buffers; a CPU_CHUNK_BYTES of 40 bytes changes nothing); over several chunks, the last one partial, the loss and
+    gradient stay the float64 reference's."""
     from qcore import ops
 
     batch, weight, bias, hq, hb = _hidden_problem(n_pairs=2, length=7, vocab=5, hidden=4, seed=3)
     cfg = _cfg()
-    assert losses.fused_chunk_rows(cfg.chunk_size, weight) == 2 * cfg.chunk_size  # 5 x 4 bytes: far below the cap
     monkeypatch.setattr(ops, "CPU_CHUNK_BYTES", 40)
-    assert losses.fused_chunk_rows(cfg.chunk_size, weight) == 2
-    assert losses.fused_chunk_rows(cfg.chunk_size, weight.to("meta")) == 2 * cfg.chunk_size  # no cap off the CPU
+    assert losses.fused_chunk_rows(cfg.chunk_size) == 6 and losses.fused_chunk_rows(256) == 512
     ids, resp = batch["input_ids"].tolist(), batch["response_mask"].tolist()
     hq_ref = hq.clone().requires_grad_(True)
     ref = ref_qadapter(F.linear(hq_ref, weight, bias), F.linear(hb, weight, bias), ids, resp, cfg.alpha_0,
                        cfg.alpha_tilde, cfg.gamma, cfg.beta, cfg.variant, cfg.mask_alignment)
     g_ref, = torch.autograd.grad(ref[0], hq_ref)
     pos = losses.scored_positions("qadapter", batch["input_ids"], batch["response_mask"], cfg.mask_alignment)
-    assert pos.rows.numel() > 2  # several chunks
+    assert pos.rows.numel() == 16  # chunks of 6, 6 and 4 rows
     hq2 = hq.clone().requires_grad_(True)
     loss, _ = losses.compute_loss_from_hidden("qadapter", hq2[pos.rows, pos.cols], hb[pos.rows, pos.cols], weight,
                                               pos, cfg, lm_head_bias=bias)
