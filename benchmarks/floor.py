@@ -23,7 +23,10 @@ training row's cost is the mean over the split it reads):
   logits decodes with two passes), lm-evaluation-harness (samples_<task>.jsonl: multiple choice with each
   context once per distinct pass, generation per policy).
 The peak: ``F.linear`` products of a decoder-shaped [2048, hidden] x [hidden, intermediate] in the run's dtype
-on every core, best of 5 (the same probe as step_vs_trl.py's roofline).
+on every core, best of 5 (the same probe as step_vs_trl.py's roofline), with OpenMP threads spinning between
+products (OMP_WAIT_POLICY=ACTIVE unless the environment sets it): a peak is the best the cores do, and the
+benchmarks' PASSIVE default put it at 105.6 GFLOP/s where ACTIVE measured 170.3 a minute later (AVX2 EPYC,
+2026-12-07, load 0.8-1.3; libgomp's own default, no variable set, spins like ACTIVE).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import os
 import sys
 import time
 
+_USER_OMP_WAIT = os.environ.get("OMP_WAIT_POLICY")  # before _common sets its PASSIVE default (for peers)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
@@ -117,7 +121,9 @@ def train_flops(shape: Shape, stage: dict, data_dir: str) -> float:
 
 
 def _policies(eval_dir: str) -> dict[str, dict]:
-    """policy id -> {"adapter", "alpha_0", ...} as the evaluate stage wrote them (lm_eval/<id>/results.json)."""
+    """policy id -> {"adapter", "alpha_0", ...} as the evaluate stage wrote them: lm-eval's (lm_eval/<id>/results.json,
+    whose ids name its sample files), else, for a run without lm-eval tasks, the stage's results.json (its methods
+    and dial points, by name)."""
     out = {}
     root = os.path.join(eval_dir, "lm_eval")
     for pid in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -125,6 +131,13 @@ def _policies(eval_dir: str) -> dict[str, dict]:
         if os.path.exists(path):
             with open(path) as f:
                 out[pid] = json.load(f)["policy"]
+    path = os.path.join(eval_dir, "results.json")
+    if out or not os.path.exists(path):
+        return out
+    with open(path) as f:
+        results = json.load(f)
+    out = dict(results.get("methods", {}))
+    out.update({point["name"]: point for point in results.get("dial", [])})
     return out
 
 
@@ -135,7 +148,8 @@ def evaluate_flops(shape: Shape, cfg, stage: dict, data_dir: str, tokenizer) -> 
     eval_dir = stage["out_dir"]
     policies = _policies(eval_dir)
     if not policies:
-        raise SystemExit(f"{eval_dir}/lm_eval/<policy>/results.json not found: the floor needs the policies")
+        raise SystemExit(f"neither {eval_dir}/lm_eval/<policy>/results.json nor {eval_dir}/results.json lists the "
+                         f"policies: the floor needs them")
     passes = 1 + len({p["adapter"] for p in policies.values() if p.get("adapter")})  # distinct, + adapter off
 
     out = {}
@@ -256,4 +270,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    os.environ["OMP_WAIT_POLICY"] = _USER_OMP_WAIT or "ACTIVE"  # torch is not loaded yet (imported in functions)
     main()

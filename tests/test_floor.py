@@ -48,3 +48,23 @@ def test_forward_matches_torch_flop_counter(tiny_model_dir):
     att = 4 * shape.layers * shape.attn_dim
     full_square = att * n * n
     assert counter.get_total_flops() == shape.decoder(n) - att * n * (n + 1) / 2 + full_square + shape.head(n)
+
+
+def test_policies_from_lm_eval_else_from_the_stage_results(tmp_path):
+    """The policies come from lm-eval's per-policy results (their ids name the sample files) and, in a run without
+    lm-eval tasks, from the evaluate stage's results.json: methods and dial points by name."""
+    import json
+
+    assert floor._policies(str(tmp_path)) == {}
+    results = {"methods": {"base": {"adapter": None, "alpha_0": 0.0},
+                           "qadapter": {"adapter": "a/q", "alpha_0": 0.1},
+                           "dpo": {"adapter": "a/d", "alpha_0": 0.0}},
+               "dial": [{"name": "qadapter@a0=1,at=1", "adapter": "a/q", "alpha_0": 1.0}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    got = floor._policies(str(tmp_path))
+    assert sorted(got) == ["base", "dpo", "qadapter", "qadapter@a0=1,at=1"]
+    assert got["qadapter@a0=1,at=1"]["alpha_0"] == 1.0 and got["dpo"]["adapter"] == "a/d"
+    assert len({p["adapter"] for p in got.values() if p.get("adapter")}) == 2  # 2 adapters: 3 distinct passes
+    (tmp_path / "lm_eval" / "p0").mkdir(parents=True)
+    (tmp_path / "lm_eval" / "p0" / "results.json").write_text(json.dumps({"policy": {"adapter": "a/q", "alpha_0": 0.1}}))
+    assert floor._policies(str(tmp_path)) == {"p0": {"adapter": "a/q", "alpha_0": 0.1}}
