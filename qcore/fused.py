@@ -3,11 +3,15 @@
 ``compute_loss(objective, q_logits, base_logits, batch, ...)`` needs [2B, L, V] logits from two full passes over
 every row. For a preference batch most of that work is redundant:
 
-- chosen row i and rejected row B+i start with the same prompt. Here the decoder runs that prefix once (a [B, P]
-  pass that fills a KV cache), the cache is repeated for the 2B rows, and only the continuations run per row.
-  Gradients flow through the cached prefix keys/values, so the adapter's effect on the prompt is trained exactly
-  as in a full pass. The shared prefix is the longest common prefix of real tokens of the two rows (at least the
-  prompt), capped so that each row keeps at least one token of its own.
+- chosen row i and rejected row B+i start with the same prompt. Here the decoder runs that prefix once and only
+  the continuations per row. Gradients flow through the prefix keys/values, so the adapter's effect on the prompt
+  is trained exactly as in a full pass. The shared prefix is the longest common prefix of real tokens of the two
+  rows (at least the prompt), capped so that each row keeps at least one token of its own.
+- with sdpa attention the decoder runs ONE packed sequence: every prefix once, then every continuation, real
+  tokens only, each at its own position id. All row-wise work (projections, LoRA, MLP, norms) runs as one large
+  matrix product per layer; only attention is split, by ``_ragged_attention``, into a prefix group and a few
+  length buckets of continuations, each attending to its prefix's keys. Other attention implementations run the
+  prefixes into a KV cache and each bucket as its own decoder call.
 - the LM head, the log-softmaxes and the logsumexps run only at the M positions the loss scores
   (``qcore.losses.scored_positions``), chunk by chunk, never on prompt or padding positions:
   ``qcore.losses.compute_loss_from_hidden``.
@@ -23,6 +27,7 @@ logit scaling) fall back to the logits path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 from typing import Optional
 
@@ -100,6 +105,113 @@ class _Decoder:
         if not layers or any(type(layer) is not DynamicLayer for layer in layers):
             return None
         return cache
+
+
+_RAGGED = contextvars.ContextVar("qcore_ragged_layout", default=None)
+RAGGED_INNER = ("sdpa", "qcore_sdpa")  # attention implementations _ragged_attention can split (bool masks)
+
+
+class _RaggedLayout:
+    """Where each attention group of a packed sequence reads its queries and keys (see ``_ragged_hidden``).
+
+    groups: (q_idx [n, R], k_idx [n, K], mask [n, 1, R, K] bool, True = attend) per group, indices into the packed
+    tokens (padding slots point at token 0 and are masked or dropped); slot [T]: where token t's output lies in the
+    groups' outputs flattened and concatenated. Every padded query row can attend to some key (no NaN)."""
+
+    def __init__(self, groups, slot, inner):
+        self.groups, self.slot, self.inner, self.calls = groups, slot, inner, 0
+
+
+def _ragged_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention over a packed [1, T] sequence, group by group, with the implementation the model had before."""
+    layout = _RAGGED.get()
+    layout.calls += 1
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
+    outs = []
+    for q_idx, k_idx, mask in layout.groups:
+        n, r = q_idx.shape
+        qg = q.index_select(0, q_idx.reshape(-1)).view(n, r, *q.shape[1:]).transpose(1, 2)
+        kg = k.index_select(0, k_idx.reshape(-1)).view(n, -1, *k.shape[1:]).transpose(1, 2)
+        vg = v.index_select(0, k_idx.reshape(-1)).view(n, -1, *v.shape[1:]).transpose(1, 2)
+        out, _ = layout.inner(module, qg, kg, vg, mask, **kwargs)  # [n, R, heads, head_dim]
+        outs.append(out.reshape(n * r, *out.shape[2:]))
+    return torch.cat(outs).index_select(0, layout.slot).unsqueeze(0), None
+
+
+def _register_ragged_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register("qcore_ragged", _ragged_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("qcore_ragged", lambda *args, **kwargs: None)  # the layout masks
+    return "qcore_ragged"
+
+
+def _ragged_hidden(decoder: _Decoder, input_ids, attention_mask, heads, group, s, max_groups: int):
+    """The last hidden states of right-padded rows sharing prefixes by group, from one packed decoder call: the U
+    prefixes (from each group's head row) then the N continuations, real tokens only. Returns (hidden [T, H], the
+    packed index of row r's token t: a function of (rows, cols)), or None when the model did not route every
+    layer's attention through ``_ragged_attention`` (then nothing it computed is used)."""
+    dev = input_ids.device
+    lens = attention_mask.long().sum(1)
+    s_head, cont = s[heads], lens - s
+    u, n = len(heads), len(s)
+    pre_off = torch.cumsum(s_head, 0) - s_head
+    n_pre = int(s_head.sum())
+    cont_off = n_pre + torch.cumsum(cont, 0) - cont
+    u_of = torch.repeat_interleave(torch.arange(u, device=dev), s_head)
+    t_pre = torch.arange(n_pre, device=dev) - pre_off[u_of]
+    r_of = torch.repeat_interleave(torch.arange(n, device=dev), cont)
+    t_cont = s[r_of] + torch.arange(len(r_of), device=dev) + n_pre - cont_off[r_of]
+    ids = torch.cat([input_ids[heads[u_of], t_pre], input_ids[r_of, t_cont]])
+    positions = torch.cat([t_pre, t_cont])
+
+    def slots(off, length, width):  # [rows, width] packed indices of `length` tokens from `off`, padding -> 0
+        ar = torch.arange(width, device=dev)
+        valid = ar < length[:, None]
+        return torch.where(valid, off[:, None] + ar, 0), valid
+
+    p = int(s_head.max())
+    causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
+    q_idx, valid = slots(pre_off, s_head, p)
+    groups, q_valid = [(q_idx, q_idx, (causal & valid[:, None, :])[:, None])], [valid]
+    for rows in length_buckets(cont.tolist(), max_groups):
+        rows = torch.tensor(rows, device=dev)
+        r = int(cont[rows].max())
+        p_g = int(s[rows].max())
+        c_idx, c_valid = slots(cont_off[rows], cont[rows], r)
+        k_pre, k_valid = slots(pre_off[group[rows]], s[rows], p_g)
+        causal = torch.ones(r, r, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat([k_valid[:, None, :].expand(-1, r, -1), causal & c_valid[:, None, :]], dim=2)
+        groups.append((c_idx, torch.cat([k_pre, c_idx], dim=1), mask[:, None]))
+        q_valid.append(c_valid)
+    slot = torch.empty(len(ids), dtype=torch.long, device=dev)
+    offset = 0
+    for (q_idx, _, _), valid in zip(groups, q_valid):
+        slot[q_idx[valid]] = torch.arange(offset, offset + q_idx.numel(), device=dev).view_as(q_idx)[valid]
+        offset += q_idx.numel()
+
+    config = decoder.module.config
+    inner = config._attn_implementation
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    layout = _RaggedLayout(groups, slot, ALL_ATTENTION_FUNCTIONS[inner])
+    token = _RAGGED.set(layout)
+    config._attn_implementation = _register_ragged_attention()
+    try:
+        hidden = decoder.module(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state
+    finally:
+        config._attn_implementation = inner
+        _RAGGED.reset(token)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if layout.calls != text_config.num_hidden_layers:
+        decoder.module._qcore_no_ragged = True  # its attention does not use the interface: never again
+        return None
+
+    def index(rows, cols):
+        return torch.where(cols < s[rows], pre_off[group[rows]] + cols, cont_off[rows] + cols - s[rows])
+
+    return hidden[0], index
 
 
 def _right_padded(attention_mask: torch.Tensor) -> bool:
@@ -231,6 +343,11 @@ def hidden_at_grouped(hf_model, input_ids: torch.Tensor, attention_mask: torch.T
     if cache is None:
         hidden = decoder(input_ids, attention_mask, positions_from_mask(attention_mask))
         return hidden[rows, cols], False
+    if decoder.config._attn_implementation in RAGGED_INNER and not getattr(decoder.module, "_qcore_no_ragged", False):
+        ragged = _ragged_hidden(decoder, input_ids, attention_mask, heads, group, prefix, max_groups)
+        if ragged is not None:
+            hidden, index = ragged
+            return hidden.index_select(0, index(rows, cols)), True
     h_prefix, buckets = _shared_prefix_hidden(decoder, input_ids, attention_mask, heads, group, prefix, cache,
                                               max_groups)
     return _gather_shared(h_prefix, buckets, group, prefix, rows, cols), True

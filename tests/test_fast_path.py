@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import qcore.fused
 from qcore import losses
 from qcore.config import AdapterConfig, QConfig
 from qcore.fused import fused_loss, hidden_at, hidden_at_grouped, length_buckets, plain_lm_head, \
@@ -319,9 +320,26 @@ def test_forward_with_loss_objective_is_the_fused_loss():
     assert out.loss.requires_grad
 
 
+@pytest.fixture
+def ragged_calls(monkeypatch):
+    """How each hidden_at_grouped call ran: True = one packed call (_ragged_hidden), False = its fallback."""
+    calls, real = [], qcore.fused._ragged_hidden
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(qcore.fused, "_ragged_hidden", spy)
+    return calls
+
+
+# sdpa: the packed sequence with ragged attention; eager: the prefix into a KV cache, one decoder call per bucket
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("max_groups", [1, 2, 4, 100])
-def test_shared_prefix_hidden_states_equal_full_pass(max_groups):
+def test_shared_prefix_hidden_states_equal_full_pass(max_groups, attn, ragged_calls):
     hf, acfg = _llama64()
+    hf.set_attn_implementation(attn)
     model = QAdapterModel.from_model(hf, acfg, _cfg())
     _perturb(model)
     batch = _pair_batch(common=(3, 0, 1))
@@ -335,11 +353,86 @@ def test_shared_prefix_hidden_states_equal_full_pass(max_groups):
         shared, used = hidden_at(hf_model, ids, att, pos, share_prefix=True, max_groups=max_groups)
         full, used_full = hidden_at(hf_model, ids, att, pos, share_prefix=False)
     assert used and not used_full
-    torch.testing.assert_close(shared, full, rtol=1e-12, atol=1e-12)
+    assert ragged_calls == ([True] if attn == "sdpa" else [])
+    tol = 1e-12 if attn == "sdpa" else 1e-6  # eager attention takes its softmax in float32 even for float64
+    torch.testing.assert_close(shared, full, rtol=tol, atol=tol)
+
+
+def test_ragged_pass_gradients_equal_full_pass():
+    """The packed pass's gradients into the LoRA weights equal a full pass's (float64), for a loss that reads every
+    real position: the gathers and the per-group attention route gradients exactly."""
+    hf, acfg = _llama64()
+    model = QAdapterModel.from_model(hf, acfg, _cfg())
+    _perturb(model)
+    model.train()
+    batch = _pair_batch(common=(3, 0, 1))
+    ids, att = batch["input_ids"], batch["attention_mask"]
+    rows, cols = torch.nonzero(att, as_tuple=True)
+    weights = torch.randn(len(rows), hf.config.hidden_size, generator=torch.Generator().manual_seed(7),
+                          dtype=torch.float64)
+    hf_model = model.peft_model.get_base_model()
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        prefix = shared_prefix_lengths(ids, att) if share else None
+        if share:
+            hidden, used = hidden_at_grouped(hf_model, ids, att, torch.arange(3).repeat(2), prefix.repeat(2), rows,
+                                             cols)
+            assert used
+        else:
+            hidden = model.peft_model(input_ids=ids, attention_mask=att,
+                                      output_hidden_states=True).hidden_states[-1][rows, cols]
+        (hidden * weights).sum().backward()
+        grads.append(_lora_grads(model))
+    rel = float((grads[0] - grads[1]).norm() / grads[1].norm())
+    assert rel < 1e-6, rel  # LlamaRMSNorm's float32 cast: float32 rounding (see the test above)
+
+
+def test_attention_outside_the_interface_falls_back_to_buckets(ragged_calls):
+    """A model whose attention does not go through transformers' attention interface (here layer 0 runs its own
+    causal sdpa on whatever it is given) must not use the packed pass, whose single sequence would then mix rows:
+    the call is detected, redone per bucket, and the model is marked so that it is not tried again."""
+    hf, acfg = _llama64()
+    attn = hf.model.layers[0].self_attn
+
+    def own_attention(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj,
+                                                                               attn.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx)
+        k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[..., :k.shape[-2]],
+                                                 scale=attn.scaling)
+        return attn.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
+
+    attn.forward = own_attention
+    model = QAdapterModel.from_model(hf, acfg, _cfg())
+    _perturb(model)
+    batch = _pair_batch(common=(3, 0, 1))
+    ids, att = batch["input_ids"], batch["attention_mask"]
+    rows, cols = torch.nonzero(att, as_tuple=True)
+    hf_model = model.peft_model.get_base_model()
+    group, prefix = torch.arange(3).repeat(2), shared_prefix_lengths(ids, att).repeat(2)
+    with torch.no_grad():
+        full = model.peft_model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
+        for _ in range(2):
+            shared, used = hidden_at_grouped(hf_model, ids, att, group, prefix, rows, cols)
+            assert used
+            torch.testing.assert_close(shared, full[rows, cols], rtol=1e-12, atol=1e-12)
+    assert ragged_calls == [False]  # tried once, then not again
 
 
 @pytest.mark.parametrize("max_groups", [1, 3])
-def test_grouped_prefix_hidden_states_equal_full_pass(max_groups):
+def test_grouped_prefix_hidden_states_equal_full_pass(max_groups, ragged_calls):
     """Rows in groups of 1-4 sharing a context (a multiple-choice question's answers), contexts of different
     lengths, right padded: the hidden states equal one full pass's at every real position (float64)."""
     hf, acfg = _llama64()
@@ -360,7 +453,7 @@ def test_grouped_prefix_hidden_states_equal_full_pass(max_groups):
     with torch.no_grad():
         shared, used = hidden_at_grouped(hf_model, ids, att, group, prefix, rows, cols, max_groups=max_groups)
         full = model.peft_model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
-    assert used
+    assert used and ragged_calls == [True]
     torch.testing.assert_close(shared, full[rows, cols], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="differ"):  # a row whose "shared" context is not its group's
         bad = ids.clone()
