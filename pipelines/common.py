@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +33,19 @@ def torch_extensions_dir(prefix: str = sys.prefix) -> str:
 
 # a local Ray cluster's workers inherit it; `make setup` builds into the same directory (an explicit one wins)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+
+
+def _venv_ninja_first() -> None:
+    """torch builds that op with whichever `ninja` PATH finds first. The install's own (pip's, next to this Python)
+    and the system's hash commands differently in the shared .ninja_log, so each rebuilt the other's output (40-130 s,
+    inside a training run or a test) whenever PATH changed between two processes: the install's ninja always wins."""
+    bin_dir = os.path.dirname(sys.executable)
+    ninja = os.path.join(bin_dir, "ninja")
+    if os.access(ninja, os.X_OK) and shutil.which("ninja") != ninja:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+_venv_ninja_first()
 
 WORKER_ENV = {
     "OMP_NUM_THREADS": "1",

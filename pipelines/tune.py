@@ -82,12 +82,14 @@ def reports_per_trial(cfg: Config, n_train: int) -> int:
                if s == total or (re > 0 and s % re == 0) or (ce > 0 and s % ce == 0))
 
 
-def derive_concurrency(cfg: Config, num_trials: int) -> int:
-    import ray
-
+def derive_concurrency(cfg: Config, num_trials: int, avail: dict[str, float] | None = None) -> int:
+    """Trials at a time: ``tune.max_concurrent_trials``, else what fits in ``avail`` (Ray's free resources now)."""
     if cfg.tune.max_concurrent_trials > 0:
         return min(cfg.tune.max_concurrent_trials, num_trials)
-    avail = ray.available_resources()
+    if avail is None:
+        import ray
+
+        avail = ray.available_resources()
     per_trial = cfg.tune.num_workers * cfg.train.cpus_per_worker
     cpus = float(avail.get("CPU", 0.0))
     spare = cpus - 1.0 if cpus - 1.0 >= per_trial else cpus  # keep one CPU for Ray Data when there is room

@@ -105,6 +105,15 @@ def test_torch_extensions_dir_is_per_install():
                          capture_output=True, text=True, check=True)
     assert got.stdout.strip() == "/srv/mine"
 
+    # and it is built with this install's ninja whatever PATH says (another ninja's log hashes rebuilt it each time)
+    ninja = os.path.join(os.path.dirname(sys.executable), "ninja")
+    assert os.access(ninja, os.X_OK)  # pip's ninja, a DeepSpeed dependency
+    code = "import shutil, pipelines.common; print(shutil.which('ninja'))"
+    for path in ("/usr/bin:/bin", f"/usr/bin:{os.path.dirname(sys.executable)}:/bin"):
+        got = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "PATH": path}, capture_output=True,
+                             text=True, check=True)
+        assert got.stdout.strip() == ninja, (path, got.stdout)
+
 
 def test_partitioned_load_config():
     """No Ray: under ZeRO-3 with train.zero_init, transformers sees ZeRO-3 (from_pretrained then builds the model in
