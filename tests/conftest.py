@@ -1,5 +1,11 @@
 """Shared fixtures. Everything is offline: no hub downloads, tiny random-init models, one Ray session."""
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,6 +56,37 @@ def ray_session():
                  runtime_env={"env_vars": WORKER_ENV})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server in its own process group (as users reach MinIO or S3: an endpoint, a region and a
+    credentials file); yields the environment a client needs to reach it."""
+    work = tmp_path_factory.mktemp("moto")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    creds = work / "credentials"
+    creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(work / "moto.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not come up: {(work / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_EC2_METADATA_DISABLED": "true"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own process group: exactly the server
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""A real 2-node Ray cluster on loopback (token auth on) running pipelines/full.py through `ray job submit`.
+"""A real 2-node Ray cluster on loopback (token auth on) running pipelines/full.py through `ray job submit`, its run
+on an S3-compatible server (moto, conftest's ``s3_server``): what lets a real cluster's nodes share one run.
 
 Each node is `ray start --block` in its own process group (a new session); the test ends exactly those two groups
 afterwards, never a broad `ray stop`. Every port is picked here and the temp dir is the test's own, so other Ray
@@ -38,8 +39,8 @@ def _free_ports(n):
     return ports
 
 
-def _env():
-    env = dict(os.environ)
+def _env(storage_env: dict):
+    env = {**os.environ, **storage_env}  # both nodes, and so the job's driver, reach the bucket
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` = ours
     # the cluster's own token: a fresh machine has no ~/.ray/auth_token, and `ray start` never creates one
@@ -69,10 +70,10 @@ def _group_alive(pgid: int) -> bool:
 
 
 class Cluster:
-    def __init__(self):
+    def __init__(self, storage_env: dict):
         self.tmp = tempfile.mkdtemp(prefix="rqmn", dir="/tmp")  # short: Unix socket paths have a length limit
         self.procs: list[subprocess.Popen] = []
-        self.env = _env()
+        self.env = _env(storage_env)
         self.failed = False
 
     def _start(self, name, args):
@@ -198,8 +199,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = Cluster()
+def cluster(s3_server):
+    c = Cluster(s3_server)
     t0 = time.time()
 
     def _on_sigterm(signum, frame):  # e.g. an outer `timeout`: still end our process groups (finally below)
@@ -219,7 +220,7 @@ def cluster():
     assert groups and not any(_group_alive(g) for g in groups)  # the groups are gone
 
 
-def _check_upload(out: str, storage: Path, manifest: dict):
+def _check_upload(out: str, manifest: dict):
     """The working dir went up without .venv (honouring .gitignore): small, and the unpacked copy has no .venv."""
     sizes = re.findall(r"Uploading package \S+ \(([\d.]+)(KiB|MiB|GiB)\)", out)
     if sizes:
@@ -232,39 +233,83 @@ def _check_upload(out: str, storage: Path, manifest: dict):
     assert not (unpacked / ".venv").exists() and not (unpacked / "runs").exists()
 
 
+@pytest.fixture
+def bucket(s3_server, monkeypatch):
+    """A fresh bucket; this test process reads the run back from it as the job wrote it (no real AWS keys here)."""
+    import boto3
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    name = f"qa-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def _keys(bucket: str, prefix: str) -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    # pyarrow's create_dir leaves empty "dir/" marker objects: only real files count
+    return sorted(o["Key"][len(prefix):] for p in pages for o in p.get("Contents", []) if not o["Key"].endswith("/"))
+
+
 @pytest.mark.timeout(1800)  # includes starting the cluster (retried on a loaded machine)
-def test_job_submit_full_pipeline_on_two_nodes(cluster, tmp_path):
-    """The tiny profile end to end, submitted with `ray job submit --working-dir .` to the 2-node cluster."""
-    storage = tmp_path / "runs"
-    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage),
+def test_job_submit_full_pipeline_on_two_nodes(cluster, bucket):
+    """The tiny profile end to end, submitted with `ray job submit --working-dir .` to the 2-node cluster, with
+    run.storage_path on the bucket: every artifact lands there; the same job again skips every stage."""
+    import io
+
+    import pandas as pd
+
+    from pipelines import common
+
+    storage = f"s3://{bucket}/runs"
+    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", storage,
                                                timeout=1700)
     print(f"job {job_id}: {wall:.1f}s")
     assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout[-6000:], out.stderr[-4000:])
     assert "succeeded" in (status.stdout + status.stderr).lower()
-    manifest = json.loads((storage / "tiny" / "manifest.json").read_text())
+    manifest = common.Manifest(f"{storage}/tiny").data
     stages = manifest["stages"]
+    assert sorted(stages) == ["evaluate", "preprocess", "report", "train/qadapter", "tune"], sorted(stages)
     assert all(e["status"] == "finished" for e in stages.values()), stages
-    stats = json.loads(Path(stages["preprocess"]["outputs"]["stats_path"]).read_text())
+    for name in stages:
+        assert f"run  {name}" in out.stdout, name
+    stats = common.read_json(stages["preprocess"]["outputs"]["stats_path"])
     assert (stats["read"], stats["kept"], stats["rejected"]) == (64, 64, 0)
     assert "64 read, 64 kept, 0 rejected" in out.stdout
-    _check_upload(out.stdout + out.stderr, storage, manifest)
-    train = stages["train/qadapter"]["outputs"]
-    assert (Path(train["adapter_dir"]) / "adapter_model.safetensors").exists()
-    assert train["metrics"], train
-    tune = stages["tune"]["outputs"]
-    import pandas as pd
+    _check_upload(out.stdout + out.stderr, manifest)
 
-    trials = pd.read_csv(tune["results_csv"])
+    # every artifact in the bucket, each stage reading the one before it from there
+    rel = _keys(bucket, "runs/tiny/")
+    for name in ("manifest.json", "report.md", "report.json"):
+        assert name in rel, rel
+    assert any(k.startswith("preprocess/") and k.endswith("/stats.json") for k in rel), rel
+    assert any(k.startswith("tune/") and k.endswith("/results.csv") for k in rel), rel
+    assert any(k.startswith("evaluate/") and k.endswith("/results.json") for k in rel), rel
+    train = stages["train/qadapter"]["outputs"]
+    adapter = train["adapter_dir"]
+    assert adapter.startswith(f"{storage}/tiny/train/qadapter-") and adapter.endswith("/adapter"), adapter
+    for f in ("adapter_config.json", "adapter_model.safetensors", "qadapter.json"):
+        assert f"{adapter[len(f'{storage}/tiny/'):]}/{f}" in rel, (f, rel)
+    assert train["metrics"], train
+    trials = pd.read_csv(io.StringIO(common.read_text(stages["tune"]["outputs"]["results_csv"])))
     assert len(trials) >= 2, trials
-    assert Path(tune["results_md"]).exists()
-    assert (storage / "tiny" / "report.md").exists()
+    results = common.read_json(stages["evaluate"]["outputs"]["results_path"])
+    assert set(results["methods"]) >= {"base", "qadapter"}
+    assert results["methods"]["qadapter"]["adapter"] == adapter  # what was evaluated: the bucket's adapter
+    assert "qadapter" in common.read_text(f"{storage}/tiny/report.md")
+    # the report read the sweep's results.csv from the bucket (it plots the Tune front only when it finds it)
+    assert any(k.startswith("report/") and k.endswith("plots/tune_pareto.png") for k in rel), rel
     assert "artifacts of run 'tiny'" in out.stdout
 
     # the same job again: every stage's key matches a finished manifest entry, nothing runs
-    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", str(storage))
+    job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", storage)
     print(f"job {job_id} (all cached): {wall:.1f}s")
     assert out.returncode == 0 and "succeeded" in out.stdout, (out.stdout[-6000:], out.stderr[-4000:])
-    for name in ("preprocess", "tune", "train/qadapter", "evaluate", "report"):
-        assert f"skip {name} (cached)" in out.stdout, name
-    log = json.loads((storage / "tiny" / "manifest.json").read_text())["log"]
-    assert [e["event"] for e in log].count("run") == 5, log
+    for name in stages:
+        assert f"skip {name} (cached)" in out.stdout and f"run  {name}" not in out.stdout, name
+    events = common.Manifest(f"{storage}/tiny").events()
+    assert [e for _, e in events].count("run") == 5 and [e for _, e in events].count("skip") == 5, events

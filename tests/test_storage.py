@@ -2,17 +2,11 @@
 
 The server runs in its own process group; clients reach it as users reach MinIO or S3: AWS_ENDPOINT_URL, a
 region, and credentials from a file (AWS_SHARED_CREDENTIALS_FILE, a path: the pipeline forwards storage
-settings to Ray workers, never secrets). The end-to-end test runs the tiny profile with
-``run.storage_path: s3://...`` from preprocess to report, then again with every stage cached.
+settings to Ray workers, never secrets). The server fixture (``s3_server``) is in conftest.py: the end-to-end run with
+``run.storage_path: s3://...`` is the 2-node ``ray job submit`` of tests/test_multinode.py, where object storage is
+what lets the nodes share a run.
 """
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,37 +16,6 @@ from pipelines import common
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
-DATA = str(ROOT / "data" / "tiny" / "pairs.jsonl")
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """moto's S3 server in a subprocess; yields the environment a client needs to reach it."""
-    work = tmp_path_factory.mktemp("moto")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    creds = work / "credentials"
-    creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
-    endpoint = f"http://127.0.0.1:{port}"
-    with open(work / "moto.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not come up: {(work / 'moto.log').read_text()[-2000:]}")
-                time.sleep(0.2)
-        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_EC2_METADATA_DISABLED": "true"}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own process group: exactly the server
-        proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -171,54 +134,3 @@ def test_storage_settings_and_refusals(monkeypatch):
     with pytest.raises(ValueError, match="run.storage_path"):
         common.run_dir(cfg)
     assert common.run_dir(load_config(TINY, ["--run.storage_path", "s3://b/runs/"])) == "s3://b/runs/tiny"
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_full_pipeline_on_s3_then_all_cached(ray_session, bucket, capsys):
-    """The tiny profile with run.storage_path s3://...: every artifact in the bucket, a rerun skips every stage."""
-    from pipelines import full
-
-    argv = ["--config", TINY, "--data.train_files", f"[{DATA}]", "--run.storage_path", f"s3://{bucket}/runs"]
-    t0 = time.time()
-    res = full.main(argv)
-    first = capsys.readouterr().out
-    wall_first = time.time() - t0
-    keys = _keys(bucket, "runs/tiny/")
-    rel = [k[len("runs/tiny/"):] for k in keys]
-    for name in ("manifest.json", "report.md", "report.json"):
-        assert name in rel, rel
-    adapter = res["train"]["qadapter"]["adapter_dir"]
-    assert adapter.startswith(f"s3://{bucket}/runs/tiny/train/qadapter-") and adapter.endswith("/adapter")
-    prefix = adapter[len(f"s3://{bucket}/"):]
-    for f in ("adapter_config.json", "adapter_model.safetensors", "qadapter.json"):
-        assert f"{prefix}/{f}" in keys, keys
-    assert any(k.startswith("evaluate/") and k.endswith("/results.json") for k in rel), rel
-    assert any(k.startswith("preprocess/") and k.endswith("/stats.json") for k in rel)
-    assert any(k.startswith("tune/") and k.endswith("/results.csv") for k in rel)
-    results = json.loads(common.read_text(res["evaluate"]["results_path"]))
-    assert set(results["methods"]) >= {"base", "qadapter"}
-    assert results["methods"]["qadapter"]["adapter"] == adapter  # what was evaluated: the bucket's adapter
-    report = common.read_text(f"s3://{bucket}/runs/tiny/report.md")
-    assert "qadapter" in report
-    # the report read the sweep's results.csv from the bucket (it plots the Tune front only when it finds it)
-    assert any(k.startswith("report/") and k.endswith("plots/tune_pareto.png") for k in rel), rel
-    manifest = common.Manifest(f"s3://{bucket}/runs/tiny")
-    stages = manifest.data["stages"]
-    assert sorted(stages) == ["evaluate", "preprocess", "report", "train/qadapter", "tune"], sorted(stages)
-    assert all(e["status"] == "finished" for e in stages.values()), stages
-    assert stages["preprocess"]["outputs"]["read"] == 64
-    for name in stages:
-        assert f"run  {name}" in first
-
-    t1 = time.time()
-    again = full.main(argv)
-    second = capsys.readouterr().out
-    wall_second = time.time() - t1
-    for name in stages:
-        assert f"skip {name} (cached)" in second and f"run  {name}" not in second, name
-    events = common.Manifest(f"s3://{bucket}/runs/tiny").events()
-    assert [e for _, e in events].count("run") == 5 and [e for _, e in events].count("skip") == 5, events
-    assert again["train"]["qadapter"]["adapter_dir"] == adapter
-    print(f"s3 pipeline: {wall_first:.1f}s, all cached: {wall_second:.1f}s; stage seconds "
-          f"{ {n: e['wall_s'] for n, e in stages.items()} }")
