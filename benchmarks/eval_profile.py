@@ -6,6 +6,8 @@
 Reads the adapters and the preprocess output from the manifest (train with ``pipelines/full.py --stop-after train``
 first), runs ``pipelines.evaluate.evaluate_stage`` into --out and prints its wall time and the stage's own parts
 (inference_seconds: pairs + generation through Ray Data; judge_seconds; lm_eval_seconds), plus ray.init.
+``--parts [--roofline]``: one actor's batch in this process instead, each policy alone and all at once, and with
+--roofline the achieved GFLOP/s of both halves against the matmul peak of the same threads.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ def main(argv=None):
                         help="no Ray: time one batch (eval.batch_size pairs, then prompts) per policy one at a time "
                              "(the old path) and all policies at once (the stage's path), in this process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --parts")
+    parser.add_argument("--roofline", action="store_true",
+                        help="with --parts: the all-at-once pair scoring's and generation's FLOPs (torch's FLOP "
+                             "counter) per second of their wall times, against the matmul peak measured here with the "
+                             "same threads")
     args, rest = parser.parse_known_args(argv)
 
     from pipelines.common import cli_config, init_ray
@@ -88,11 +94,45 @@ def parts(cfg, adapters, data_dir, args):
     t3 = time.perf_counter()
     out["together"] = {"load_s": t1 - t0, "pairs_s": t2 - t1, "generate_s": t3 - t2,
                        "tokens": sum(sum(c) for _, _, c in got)}
+    if args.roofline:
+        out["roofline"] = roofline(ev, {"pairs": (lambda: ev.pair_scores_all(pairs), t2 - t1),
+                                        "generate": (lambda: ev.generate_all(prompts), t3 - t2)})
     out["alone_total"] = {k: sum(v[k] for v in out["alone"].values()) for k in ("load_s", "pairs_s", "generate_s",
                                                                                "tokens")}
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def roofline(ev, parts: dict) -> dict:
+    """Per part (name -> (a call repeating the timed work, its timed wall seconds)): what the call multiplies, by
+    torch's FLOP counter on an identical rerun (greedy, no dropout), per second of the timed wall time, against the
+    best of 5 calls of an FFN-shaped matmul probe, same threads, same process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _common
+
+    conf = ev.bank.config
+    run, probe = _common.matmul_probe(2048, conf.hidden_size, conf.intermediate_size, torch.float32)
+    run()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    peak = probe / best / 1e9
+    out = {"peak_gflop_per_s": peak, "threads": torch.get_num_threads()}
+    for name, (call, wall_s) in parts.items():
+        with FlopCounterMode(display=False) as counter:
+            call()
+        flops = float(counter.get_total_flops())
+        achieved = flops / wall_s / 1e9
+        out[name] = {"tflop": flops / 1e12, "gflop_per_s": achieved, "of_peak": achieved / peak}
+        print(f"{name}: {flops / 1e12:.3f} TFLOP in {wall_s:.1f} s = {achieved:.1f} GFLOP/s, {achieved / peak:.1%} of "
+              f"the {peak:.1f} GFLOP/s matmul peak ({out['threads']} threads)", flush=True)
     return out
 
 
