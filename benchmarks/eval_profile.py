@@ -113,17 +113,9 @@ def roofline(ev, parts: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _common
+    from floor import Shape, matmul_peak
 
-    conf = ev.bank.config
-    run, probe = _common.matmul_probe(2048, conf.hidden_size, conf.intermediate_size, torch.float32)
-    run()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    peak = probe / best / 1e9
+    peak = matmul_peak(Shape(ev.base_path), "float32", torch.get_num_threads()) / 1e9
     out = {"peak_gflop_per_s": peak, "threads": torch.get_num_threads()}
     for name, (call, wall_s) in parts.items():
         with FlopCounterMode(display=False) as counter:

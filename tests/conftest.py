@@ -89,6 +89,22 @@ def s3_server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
+@pytest.fixture
+def bucket(s3_server, monkeypatch):
+    """A fresh bucket on ``s3_server``; this test's environment points at the server (no real AWS keys reach it)."""
+    import uuid
+
+    import boto3
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    name = f"qa-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -233,20 +233,6 @@ def _check_upload(out: str, manifest: dict):
     assert not (unpacked / ".venv").exists() and not (unpacked / "runs").exists()
 
 
-@pytest.fixture
-def bucket(s3_server, monkeypatch):
-    """A fresh bucket; this test process reads the run back from it as the job wrote it (no real AWS keys here)."""
-    import boto3
-
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in s3_server.items():
-        monkeypatch.setenv(k, v)
-    name = f"qa-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
-
-
 def _keys(bucket: str, prefix: str) -> list[str]:
     import boto3
 

@@ -7,7 +7,6 @@ settings to Ray workers, never secrets). The server fixture (``s3_server``) is i
 what lets the nodes share a run.
 """
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,20 +15,6 @@ from pipelines import common
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
-
-
-@pytest.fixture
-def bucket(s3_server, monkeypatch, tmp_path):
-    """A fresh bucket; this test's environment points at the server (no real AWS keys reach it)."""
-    import boto3
-
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in s3_server.items():
-        monkeypatch.setenv(k, v)
-    name = f"qa-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 def _keys(bucket: str, prefix: str = "") -> list[str]:
