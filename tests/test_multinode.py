@@ -233,14 +233,6 @@ def _check_upload(out: str, manifest: dict):
     assert not (unpacked / ".venv").exists() and not (unpacked / "runs").exists()
 
 
-def _keys(bucket: str, prefix: str) -> list[str]:
-    import boto3
-
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    # pyarrow's create_dir leaves empty "dir/" marker objects: only real files count
-    return sorted(o["Key"][len(prefix):] for p in pages for o in p.get("Contents", []) if not o["Key"].endswith("/"))
-
-
 @pytest.mark.timeout(1800)  # includes starting the cluster (retried on a loaded machine)
 def test_job_submit_full_pipeline_on_two_nodes(cluster, bucket):
     """The tiny profile end to end, submitted with `ray job submit --working-dir .` to the 2-node cluster, with
@@ -250,6 +242,7 @@ def test_job_submit_full_pipeline_on_two_nodes(cluster, bucket):
     import pandas as pd
 
     from pipelines import common
+    from test_storage import _keys
 
     storage = f"s3://{bucket}/runs"
     job_id, out, status, wall = cluster.submit("--config", "configs/tiny.yaml", "--run.storage_path", storage,
@@ -269,7 +262,7 @@ def test_job_submit_full_pipeline_on_two_nodes(cluster, bucket):
     _check_upload(out.stdout + out.stderr, manifest)
 
     # every artifact in the bucket, each stage reading the one before it from there
-    rel = _keys(bucket, "runs/tiny/")
+    rel = [k[len("runs/tiny/"):] for k in _keys(bucket, "runs/tiny/")]
     for name in ("manifest.json", "report.md", "report.json"):
         assert name in rel, rel
     assert any(k.startswith("preprocess/") and k.endswith("/stats.json") for k in rel), rel
@@ -281,8 +274,10 @@ def test_job_submit_full_pipeline_on_two_nodes(cluster, bucket):
     for f in ("adapter_config.json", "adapter_model.safetensors", "qadapter.json"):
         assert f"{adapter[len(f'{storage}/tiny/'):]}/{f}" in rel, (f, rel)
     assert train["metrics"], train
-    trials = pd.read_csv(io.StringIO(common.read_text(stages["tune"]["outputs"]["results_csv"])))
+    tune = stages["tune"]["outputs"]
+    trials = pd.read_csv(io.StringIO(common.read_text(tune["results_csv"])))
     assert len(trials) >= 2, trials
+    assert common.exists(tune["results_md"])
     results = common.read_json(stages["evaluate"]["outputs"]["results_path"])
     assert set(results["methods"]) >= {"base", "qadapter"}
     assert results["methods"]["qadapter"]["adapter"] == adapter  # what was evaluated: the bucket's adapter
